@@ -1,0 +1,12 @@
+"""Test-wide settings: offline, deterministic, quiet."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# grain's multiprocessing reads absl flags; mark them parsed before anything imports it.
+from absl import flags  # noqa: E402
+
+flags.FLAGS.mark_as_parsed()
