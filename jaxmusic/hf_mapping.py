@@ -57,3 +57,41 @@ def hf_shape(layout: str, our_shape: tuple[int, ...]) -> tuple[int, ...]:
     if layout == CONV1D:
         return (our_shape[2], our_shape[1], our_shape[0])
     raise ValueError(f"unknown layout {layout!r}")
+
+
+def _get_path(tree, path):
+    for p in path:
+        tree = tree[p]
+    return tree
+
+
+def load_hf_weights(module, specs: list[HFTensor], get, n_layers: int) -> None:
+    """Copy HF tensors (fetched by `get(hf_key) -> np.ndarray`) into `module`, in memory.
+
+    For small models and tests; `convert/` streams large checkpoints instead.
+    """
+    from flax import nnx
+    import jax.numpy as jnp
+
+    state = nnx.state(module)
+    for spec in specs:
+        param = _get_path(state, spec.path)
+        parts = [to_ours(spec.layout, np.asarray(get(k))) for k in spec.hf_keys(n_layers)]
+        value = np.stack(parts) if spec.stacked else parts[0]
+        if value.shape != param.shape:
+            raise ValueError(f"{spec.hf_key}: shape {value.shape} does not fit {spec.path} {param.shape}")
+        param.set_value(jnp.asarray(value, dtype=param.dtype))
+    nnx.update(module, state)
+
+
+def hf_weights(module, specs: list[HFTensor], n_layers: int) -> dict[str, np.ndarray]:
+    """The module's parameters as HF-named NumPy tensors, in memory (small models, tests)."""
+    from flax import nnx
+
+    state = nnx.state(module)
+    out = {}
+    for spec in specs:
+        value = np.asarray(_get_path(state, spec.path)[...])
+        for i, key in enumerate(spec.hf_keys(n_layers)):
+            out[key] = np.ascontiguousarray(to_hf(spec.layout, value[i] if spec.stacked else value))
+    return out
