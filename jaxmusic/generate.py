@@ -1,0 +1,126 @@
+"""Autoregressive generation for `Qwen3ForCausalLM` with a KV cache.
+
+The model is split into (graphdef, state) once, outside jit; two jitted functions merge
+it back inside: `prefill` (the whole right-padded prompt batch, writes the cache, picks
+the first token) and `decode` (one token per row). A Python loop drives `decode`, so
+every token can be streamed to a callback as soon as it exists; the next step is
+dispatched before the host waits for the current token, so the device stays busy.
+
+Compilation: each jitted function compiles once per distinct shape. To keep that to a
+handful of shapes, the prompt length is padded up to a multiple of `bucket` (default
+64) and the cache to a multiple of `bucket` covering prompt + `max_new_tokens`; a new
+prompt length inside the same bucket reuses the compiled code. Batch size is not
+bucketed: callers that vary it should pad the batch themselves (e.g. with length-1 rows).
+
+Cache layout: row b's prompt fills slots `[0, len_b)`, slots `[len_b, T_pad)` are
+invalid holes, and generated token i of every row lives in slot `T_pad + i` with RoPE
+position `len_b + i`, so rows of different lengths decode in lockstep.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+
+def round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def pick_tokens(logits, temperature, top_p, key, *, greedy: bool):
+    """Next token per row from `[B, V]` logits: argmax, or temperature + nucleus (top-p) sampling."""
+    logits = logits.astype(jnp.float32)
+    if greedy:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits / temperature
+    ranked = jnp.sort(logits, axis=-1)[..., ::-1]
+    probs = jax.nn.softmax(ranked, axis=-1)
+    # Keep the smallest top-ranked set whose mass reaches top_p (the best token always stays).
+    keep = (jnp.cumsum(probs, axis=-1) - probs) < top_p
+    cutoff = jnp.min(jnp.where(keep, ranked, jnp.inf), axis=-1, keepdims=True)
+    logits = jnp.where(logits >= cutoff, logits, -jnp.inf)
+    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("cache_len", "greedy"))
+def _prefill(graphdef, state, embeds, lengths, temperature, top_p, key, *, cache_len, greedy):
+    model = nnx.merge(graphdef, state)
+    b, t, _ = embeds.shape
+    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    cache = model.init_cache(b, cache_len)
+    h, cache = model.hidden(embeds, positions, valid=positions < lengths[:, None],
+                            cache=cache, cache_index=0)
+    last = jnp.take_along_axis(h, (lengths - 1)[:, None, None], axis=1)  # [B, 1, D]
+    logits = model.logits(last)[:, 0]
+    return pick_tokens(logits, temperature, top_p, jax.random.fold_in(key, 0), greedy=greedy), cache
+
+
+@functools.partial(jax.jit, static_argnames=("greedy",), donate_argnames=("cache",))
+def _decode(graphdef, state, cache, tokens, lengths, prompt_slots, step, temperature, top_p, key, *, greedy):
+    """Feed generated token `step` (0-based) of every row; pick token `step + 1`."""
+    model = nnx.merge(graphdef, state)
+    logits, cache = model(model.embed(tokens[:, None]), (lengths + step)[:, None], cache=cache,
+                          cache_index=prompt_slots + step)
+    return pick_tokens(logits[:, 0], temperature, top_p, jax.random.fold_in(key, step + 1), greedy=greedy), cache
+
+
+def generate(model, inputs_embeds, prompt_lengths, *, max_new_tokens: int, temperature: float = 0.0,
+             top_p: float = 1.0, seed: int = 0, stop_ids=(), bucket: int = 64,
+             on_token: Callable[[int, np.ndarray], None] | None = None) -> list[list[int]]:
+    """Generate up to `max_new_tokens` per row of a right-padded prompt batch.
+
+    model: a `Qwen3ForCausalLM`, or its `(graphdef, state)` from `nnx.split` (split once
+      and reuse it when calling many times).
+    inputs_embeds: `[B, T, D]` prompt embeddings, row b valid in `[0, prompt_lengths[b])`.
+    temperature: 0 means greedy (argmax); otherwise sample from softmax(logits / temperature)
+      restricted to the top-p nucleus, with `jax.random.key(seed)`.
+    stop_ids: a row stops after emitting any of these (e.g. `<|im_end|>` and EOS); the stop
+      token is included in its output, as transformers does.
+    on_token(step, ids): called once per step with an int array `[B]` of the new tokens,
+      -1 for rows that had already stopped.
+    Returns the generated ids of each row.
+    """
+    graphdef, state = model if isinstance(model, tuple) else nnx.split(model)
+    lengths = np.asarray(prompt_lengths, dtype=np.int32)
+    if inputs_embeds.ndim != 3:
+        raise ValueError(f"inputs_embeds must be [B, T, D], got shape {inputs_embeds.shape}")
+    b, t, _ = inputs_embeds.shape
+    if lengths.shape != (b,) or lengths.min() < 1 or lengths.max() > t:
+        raise ValueError(f"prompt_lengths must be {b} values in [1, {t}], got {lengths.tolist()}")
+    if max_new_tokens < 1 or temperature < 0 or not 0 < top_p <= 1:
+        raise ValueError(f"need max_new_tokens >= 1, temperature >= 0, 0 < top_p <= 1; got "
+                         f"{max_new_tokens}, {temperature}, {top_p}")
+
+    t_pad = round_up(int(lengths.max()), bucket)
+    embeds = inputs_embeds[:, :t_pad]
+    if embeds.shape[1] < t_pad:
+        embeds = jnp.pad(embeds, ((0, 0), (0, t_pad - embeds.shape[1]), (0, 0)))
+    sampling = dict(temperature=jnp.float32(max(temperature, 1e-6)), top_p=jnp.float32(top_p),
+                    key=jax.random.key(seed))
+    greedy = temperature == 0
+
+    lengths_dev = jnp.asarray(lengths)
+    tokens, cache = _prefill(graphdef, state, embeds, lengths_dev, **sampling,
+                             cache_len=round_up(t_pad + max_new_tokens, bucket), greedy=greedy)
+    outputs: list[list[int]] = [[] for _ in range(b)]
+    done = np.zeros(b, bool)
+    stop = np.asarray(list(stop_ids), dtype=np.int64)
+    for step in range(max_new_tokens):
+        if step + 1 < max_new_tokens:  # dispatch the next step before blocking on this one
+            upcoming = _decode(graphdef, state, cache, tokens, lengths_dev, jnp.int32(t_pad),
+                               jnp.int32(step), **sampling, greedy=greedy)
+        ids = np.asarray(tokens)
+        for row in np.flatnonzero(~done):
+            outputs[row].append(int(ids[row]))
+        if on_token is not None:
+            on_token(step, np.where(done, -1, ids))
+        done |= np.isin(ids, stop)
+        if done.all() or step + 1 == max_new_tokens:
+            break
+        tokens, cache = upcoming
+    return outputs

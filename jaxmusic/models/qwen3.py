@@ -1,0 +1,285 @@
+"""Qwen3 causal language model (the LLM of MuFun) in Flax NNX, with a KV cache.
+
+Architecture (transformers' `Qwen3ForCausalLM`): token embedding; N pre-norm decoder
+layers, each RMSNorm -> grouped-query self-attention (q/k/v/o projections without
+biases, per-head RMSNorm on q and k *before* RoPE, rotate-half RoPE) -> residual,
+RMSNorm -> SwiGLU MLP (`down(silu(gate(x)) * up(x))`) -> residual; final RMSNorm;
+`lm_head` (or the embedding matrix transposed when `tie_word_embeddings`).
+
+Logical axis names in the params' `axes` metadata (one layer's shape for stacked params):
+
+    vocab     vocabulary                       embed_tokens.embedding, lm_head.kernel
+    embed     model width (hidden_size)        every projection's input or output side
+    heads     fused query heads x head_dim     q_proj out, o_proj in (head-major, so
+              (N*H); splitting it evenly       sharding it N ways never cuts a head)
+    kv_heads  fused KV heads x head_dim (K*H)  k_proj / v_proj out
+    head_dim  one head's width                 q_norm / k_norm scale
+    mlp       SwiGLU width                     gate_proj / up_proj out, down_proj in
+
+The API is split so callers materialise only what they need: `embed(ids)` (the MuFun
+splice builds `inputs_embeds` from it), `hidden(...)` (final-normed hidden states, plus
+the updated cache) and `logits(h)`; `__call__` is `logits(hidden(...))`.
+
+Attention rule (what a query may see):
+
+* No cache: query t sees key s iff s <= t, AND `mask[b, :, t, s]` if a boolean `mask`
+  (broadcastable to `[B, N, T, T]`, e.g. `[B, 1, T, T]` for packed segments) is given,
+  AND `valid[b, s]` if `valid` (`[B, T]`, False on padding) is given.
+* With a cache (`init_cache`): this call's T tokens are written to slots
+  `[cache_index, cache_index + T)`, and their `valid` flags (default all True) into the
+  cache's per-slot validity. Query t (living in slot `cache_index + t`) sees slot s iff
+  `cache["valid"][b, s]` and `s <= cache_index + t` (and `mask[b, :, t, s]` if given,
+  broadcastable to `[B, N, T, S]`). Slots are storage, not positions: RoPE uses
+  `positions` only, so a right-padded batch can leave invalid holes after its shorter
+  prompts and still decode every row in the same slot.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxmusic.hf_mapping import LINEAR, HFTensor
+from jaxmusic.nn import Linear, ModelOptions, RMSNorm, attention, scan_layers, stack_layers
+
+
+@dataclasses.dataclass(frozen=True)
+class Qwen3Config:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 1_000_000.0
+    tie_word_embeddings: bool = False
+    max_position_embeddings: int = 32768
+
+    @property
+    def n_layers(self) -> int:
+        return self.num_hidden_layers
+
+    @classmethod
+    def from_hf(cls, d: dict) -> "Qwen3Config":
+        """Read a transformers Qwen3 `config.json` dict (v5 `rope_parameters` or legacy `rope_theta`)."""
+        unsupported = {
+            "attention_bias": d.get("attention_bias", False),
+            "use_sliding_window": d.get("use_sliding_window", False),
+        }
+        for name, value in unsupported.items():
+            if value:
+                raise ValueError(f"Qwen3 config: {name}={value!r} is not supported")
+        if d.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"Qwen3 config: hidden_act={d['hidden_act']!r} is not supported (only 'silu')")
+
+        rope = d.get("rope_parameters") or d.get("rope_scaling")
+        rope_type = (rope or {}).get("rope_type", (rope or {}).get("type", "default"))
+        if rope_type != "default":
+            raise ValueError(f"Qwen3 config: RoPE type {rope_type!r} is not supported (only 'default')")
+        # transformers' legacy Qwen3Config default theta is 10000 when the key is absent.
+        theta = (rope or {}).get("rope_theta", d.get("rope_theta", 10000.0))
+
+        heads = d["num_attention_heads"]
+        return cls(
+            vocab_size=d["vocab_size"],
+            hidden_size=d["hidden_size"],
+            intermediate_size=d["intermediate_size"],
+            num_hidden_layers=d["num_hidden_layers"],
+            num_attention_heads=heads,
+            num_key_value_heads=d.get("num_key_value_heads") or heads,
+            head_dim=d.get("head_dim") or d["hidden_size"] // heads,
+            rms_norm_eps=d.get("rms_norm_eps", 1e-6),
+            rope_theta=float(theta),
+            tie_word_embeddings=d.get("tie_word_embeddings", False),
+            max_position_embeddings=d.get("max_position_embeddings", 32768),
+        )
+
+
+def rope_inv_freq(head_dim: int, theta: float) -> np.ndarray:
+    """`1 / theta ** (arange(0, H, 2) / H)` in float32, transformers' formula.
+
+    Computed on the host so every backend gets the same constant. NumPy's float32 pow is
+    correctly rounded; torch's vectorised one is not, so at most an element or two can
+    differ from transformers' by 1 ulp (relative 6e-8).
+    """
+    exponent = np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)
+    return np.float32(1.0) / (np.float32(theta) ** exponent)
+
+
+def rope_cos_sin(positions, head_dim: int, theta: float, dtype):
+    """cos/sin tables `[B, T, H]` for integer `positions [B, T]`: float32, then cast."""
+    freqs = positions.astype(jnp.float32)[..., None] * rope_inv_freq(head_dim, theta)
+    angles = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(angles).astype(dtype), jnp.sin(angles).astype(dtype)
+
+
+def apply_rope(x, cos, sin):
+    """Rotate-half RoPE on `[B, T, heads, H]` with `[B, T, H]` tables."""
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+
+
+class Qwen3Attention(nnx.Module):
+    def __init__(self, cfg: Qwen3Config, opts: ModelOptions, rngs: nnx.Rngs):
+        d, n, k, h = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        if n % k:
+            raise ValueError(f"num_attention_heads={n} is not a multiple of num_key_value_heads={k}")
+        lin = dict(use_bias=False, opts=opts, rngs=rngs)
+        self.q_proj = Linear(d, n * h, axes=("embed", "heads"), **lin)
+        self.k_proj = Linear(d, k * h, axes=("embed", "kv_heads"), **lin)
+        self.v_proj = Linear(d, k * h, axes=("embed", "kv_heads"), **lin)
+        self.o_proj = Linear(n * h, d, axes=("heads", "embed"), **lin)
+        self.q_norm = RMSNorm(h, eps=cfg.rms_norm_eps, opts=opts, axis_name="head_dim")
+        self.k_norm = RMSNorm(h, eps=cfg.rms_norm_eps, opts=opts, axis_name="head_dim")
+        self.shape = (n, k, h)
+        self.opts = opts
+
+    def __call__(self, x, cos, sin, allowed, kv, cache_index):
+        """`kv` is this layer's `(k, v)` cache `[B, S, K, H]` or None; returns (out, new kv)."""
+        b, t, _ = x.shape
+        n, k, h = self.shape
+        q = apply_rope(self.q_norm(self.q_proj(x).reshape(b, t, n, h)), cos, sin)
+        key = apply_rope(self.k_norm(self.k_proj(x).reshape(b, t, k, h)), cos, sin)
+        value = self.v_proj(x).reshape(b, t, k, h)
+        if kv is None:
+            out = attention(q, key, value, opts=self.opts, mask=allowed, is_causal=True)
+        else:
+            cache_k, cache_v = kv
+            cache_k = jax.lax.dynamic_update_slice_in_dim(cache_k, key.astype(cache_k.dtype), cache_index, 1)
+            cache_v = jax.lax.dynamic_update_slice_in_dim(cache_v, value.astype(cache_v.dtype), cache_index, 1)
+            kv = (cache_k, cache_v)
+            # A cached step has an arbitrary [B, 1, T, S] mask and T != S, a shape cuDNN's
+            # fused kernel does not reliably take; XLA handles any shape ("cudnn" if forced).
+            opts = self.opts if self.opts.attention != "auto" else dataclasses.replace(self.opts, attention="xla")
+            out = attention(q, cache_k.astype(q.dtype), cache_v.astype(q.dtype), opts=opts, mask=allowed)
+        return self.o_proj(out.reshape(b, t, n * h)), kv
+
+
+class Qwen3MLP(nnx.Module):
+    def __init__(self, cfg: Qwen3Config, opts: ModelOptions, rngs: nnx.Rngs):
+        d, m = cfg.hidden_size, cfg.intermediate_size
+        lin = dict(use_bias=False, opts=opts, rngs=rngs)
+        self.gate_proj = Linear(d, m, axes=("embed", "mlp"), **lin)
+        self.up_proj = Linear(d, m, axes=("embed", "mlp"), **lin)
+        self.down_proj = Linear(m, d, axes=("mlp", "embed"), **lin)
+
+    def __call__(self, x):
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Qwen3DecoderLayer(nnx.Module):
+    def __init__(self, cfg: Qwen3Config, opts: ModelOptions, rngs: nnx.Rngs):
+        norm = dict(eps=cfg.rms_norm_eps, opts=opts)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, **norm)
+        self.self_attn = Qwen3Attention(cfg, opts, rngs)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, **norm)
+        self.mlp = Qwen3MLP(cfg, opts, rngs)
+
+    def __call__(self, x, cos, sin, allowed, kv, cache_index):
+        attn_out, kv = self.self_attn(self.input_layernorm(x), cos, sin, allowed, kv, cache_index)
+        x = x + attn_out
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return x, kv
+
+
+class Qwen3ForCausalLM(nnx.Module):
+    """Qwen3 LM. See the module docstring for the attention rule and axis names."""
+
+    def __init__(self, cfg: Qwen3Config, opts: ModelOptions, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.opts = opts
+        std = 0.02  # transformers' initializer_range; real runs load weights anyway
+        table = std * jax.random.normal(rngs.params(), (cfg.vocab_size, cfg.hidden_size), jnp.float32)
+        self.embed_tokens = nnx.Param(table.astype(opts.param_dtype), axes=("vocab", "embed"))
+        self.layers = stack_layers(cfg.num_hidden_layers, lambda r: Qwen3DecoderLayer(cfg, opts, r), rngs)
+        self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, opts=opts)
+        self.lm_head = (None if cfg.tie_word_embeddings else
+                        Linear(cfg.hidden_size, cfg.vocab_size, axes=("embed", "vocab"),
+                               use_bias=False, opts=opts, rngs=rngs))
+
+    def embed(self, input_ids):
+        """Token ids `[B, T]` -> embeddings `[B, T, D]` in the compute dtype."""
+        return jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(self.opts.dtype)
+
+    def init_cache(self, batch: int, max_len: int, dtype=None) -> dict:
+        """Empty KV cache: `k`, `v` `[L, B, S, K, H]` and per-slot `valid` `[B, S]` (all False)."""
+        c = self.cfg
+        shape = (c.num_hidden_layers, batch, max_len, c.num_key_value_heads, c.head_dim)
+        dtype = dtype or self.opts.dtype
+        return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
+                "valid": jnp.zeros((batch, max_len), bool)}
+
+    def hidden(self, inputs_embeds, positions, *, mask=None, valid=None, cache=None, cache_index=None):
+        """Final-normed hidden states `[B, T, D]` and the updated cache (None without one).
+
+        `positions [B, T]` int feed RoPE; `mask`, `valid`, `cache`, `cache_index`: see the
+        module docstring.
+        """
+        b, t, _ = inputs_embeds.shape
+        cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, self.opts.dtype)
+        if cache is None:
+            allowed = mask
+            if valid is not None:
+                key_ok = valid[:, None, None, :]
+                allowed = key_ok if allowed is None else allowed & key_ok
+            kv_xs = None
+        else:
+            if cache_index is None:
+                raise ValueError("cache_index is required with a cache")
+            step_valid = jnp.ones((b, t), bool) if valid is None else valid.astype(bool)
+            slot_valid = jax.lax.dynamic_update_slice_in_dim(cache["valid"], step_valid, cache_index, 1)
+            slots = jnp.arange(slot_valid.shape[1])
+            query_slots = cache_index + jnp.arange(t)
+            allowed = slot_valid[:, None, None, :] & (slots[None, :] <= query_slots[:, None])[None, None]
+            if mask is not None:
+                allowed = allowed & mask
+            kv_xs = (cache["k"], cache["v"])
+
+        def body(layer, x, kv):
+            return layer(x, cos, sin, allowed, kv, cache_index)
+
+        x = inputs_embeds.astype(self.opts.dtype)
+        x, new_kv = scan_layers(self.layers, body, x, kv_xs, remat=self.opts.remat)
+        new_cache = None if cache is None else {"k": new_kv[0], "v": new_kv[1], "valid": slot_valid}
+        return self.norm(x), new_cache
+
+    def logits(self, h):
+        """Hidden states `[..., D]` -> logits `[..., V]` in the compute dtype."""
+        if self.lm_head is not None:
+            return self.lm_head(h)
+        table = self.embed_tokens[...].astype(self.opts.dtype)
+        return jnp.dot(h.astype(self.opts.dtype), table.T)
+
+    def __call__(self, inputs_embeds, positions, *, mask=None, valid=None, cache=None, cache_index=None):
+        """`(logits [B, T, V], cache)`; see `hidden` for the arguments."""
+        h, cache = self.hidden(inputs_embeds, positions, mask=mask, valid=valid,
+                               cache=cache, cache_index=cache_index)
+        return self.logits(h), cache
+
+
+def hf_tensors(cfg: Qwen3Config) -> list[HFTensor]:
+    """Our params <-> transformers `Qwen3ForCausalLM` keys (MuFun prefixes `language_model.`)."""
+    layer = "model.layers.{i}."
+    specs = [HFTensor(("embed_tokens",), "model.embed_tokens.weight")]
+    for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+        specs.append(HFTensor(("layers", "self_attn", name, "kernel"), f"{layer}self_attn.{name}.weight",
+                              LINEAR, stacked=True))
+    for name in ("q_norm", "k_norm"):
+        specs.append(HFTensor(("layers", "self_attn", name, "scale"), f"{layer}self_attn.{name}.weight",
+                              stacked=True))
+    for name in ("gate_proj", "up_proj", "down_proj"):
+        specs.append(HFTensor(("layers", "mlp", name, "kernel"), f"{layer}mlp.{name}.weight",
+                              LINEAR, stacked=True))
+    for name in ("input_layernorm", "post_attention_layernorm"):
+        specs.append(HFTensor(("layers", name, "scale"), f"{layer}{name}.weight", stacked=True))
+    specs.append(HFTensor(("norm", "scale"), "model.norm.weight"))
+    if not cfg.tie_word_embeddings:
+        specs.append(HFTensor(("lm_head", "kernel"), "lm_head.weight", LINEAR))
+    return specs
