@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 from jaxmusic.errors import UserError
@@ -14,6 +15,103 @@ def _smoke(args) -> None:
     smoke.run(seconds=args.seconds)
 
 
+def _options(args):
+    from jaxmusic.nn import ModelOptions
+
+    return ModelOptions.from_names(param_dtype=args.dtype, dtype=args.dtype)
+
+
+def _request(args):
+    from jaxmusic.inference import Request
+
+    return Request(question=args.question, audio=tuple(args.audio), segments=tuple(map(tuple, args.segment)))
+
+
+def _read_requests(path: str):
+    from jaxmusic.inference import Request
+
+    try:
+        lines = open(path, encoding="utf-8").read().splitlines()
+    except OSError as e:
+        raise UserError(f"{path}: {e.strerror}") from None
+    out = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            d = json.loads(line)
+            audio = d.get("audio", [])
+            audio = [audio] if isinstance(audio, str) else list(audio)
+            time = d.get("time")
+            segments = [time] if time and not isinstance(time[0], (list, tuple, type(None))) else (time or [])
+            out.append((d.get("id", n), Request(question=d["question"], audio=tuple(audio),
+                                                segments=tuple(tuple(s) if s else None for s in segments))))
+        except (json.JSONDecodeError, KeyError, TypeError, IndexError, AttributeError) as e:
+            raise UserError(f"{path}:{n}: not a request ({type(e).__name__}: {e}); expected "
+                            '{"id": ..., "audio": ..., "question": ..., "time": [start, end]}') from None
+        except UserError as e:
+            raise UserError(f"{path}:{n}: {e}") from None
+    return out
+
+
+def _ask(args) -> None:
+    from jaxmusic import inference
+
+    sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                    seed=args.seed)
+    if args.batch:
+        if not args.out:
+            raise UserError("--batch needs --out FILE for the answers")
+        requests = _read_requests(args.batch)
+        loaded = inference.load(args.checkpoint, _options(args))
+        from tqdm import tqdm
+
+        with open(args.out, "w", encoding="utf-8") as f, tqdm(total=len(requests), desc="answering") as bar:
+            for i in range(0, len(requests), args.batch_size):
+                part = requests[i:i + args.batch_size]
+                answers = inference.ask(loaded, [r for _, r in part], **sampling)
+                for (rid, _), answer in zip(part, answers):
+                    f.write(json.dumps({"id": rid, "answer": answer}, ensure_ascii=False) + "\n")
+                f.flush()
+                bar.update(len(part))
+        return
+    if args.question is None:
+        raise UserError("give a question (or --batch FILE)")
+    request = _request(args)
+    loaded = inference.load(args.checkpoint, _options(args))
+    inference.ask(loaded, [request], **sampling, on_text=lambda _row, text: print(text, end="", flush=True))
+    print()
+
+
+def _score(args) -> None:
+    from jaxmusic import inference
+
+    request = _request(args)
+    loaded = inference.load(args.checkpoint, _options(args))
+    scores = inference.score(loaded, request, args.option)
+    best = max(range(len(scores)), key=lambda i: scores[i].total)
+    if args.json:
+        print(json.dumps({"best": scores[best].option, "options": [
+            {"option": s.option, "total": s.total, "mean": s.mean, "per_token": list(s.per_token),
+             "tokens": list(s.tokens)} for s in scores]}, ensure_ascii=False, indent=1))
+        return
+    width = max(len(s.option) for s in scores)
+    print(f"{'option':<{width}}  {'log p':>10}  {'per token':>10}  tokens")
+    for i, s in enumerate(scores):
+        mark = "  <- best" if i == best else ""
+        print(f"{s.option:<{width}}  {s.total:10.4f}  {s.mean:10.4f}  {len(s.per_token)}{mark}")
+
+
+def _add_model_args(p):
+    p.add_argument("checkpoint", help="jaxmusic checkpoint folder, or a released MuFun (HF) folder")
+    p.add_argument("--audio", action="append", default=[], metavar="FILE",
+                   help="audio file (repeat for several; placed at the question's <audio> tags, in order)")
+    p.add_argument("--segment", action="append", nargs=2, type=float, default=[], metavar=("START", "END"),
+                   help="crop in seconds for the audio file of the same position (repeatable)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="parameter and compute dtype (bfloat16 halves memory on GPUs)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxmusic", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -21,6 +119,25 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("smoke", help="run both backbones on tiny random weights and time them")
     p.add_argument("--seconds", type=float, default=5.0, help="audio length of the smoke input")
     p.set_defaults(func=_smoke)
+
+    p = sub.add_parser("ask", help="ask a question about one or more audio files (streams the answer)")
+    _add_model_args(p)
+    p.add_argument("question", nargs="?", help="the question; <audio> tags place the files")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch", metavar="JSONL", help='requests, one {"id","audio","question","time"} per line')
+    p.add_argument("--out", metavar="JSONL", help="answers of --batch, one {\"id\",\"answer\"} per line")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.set_defaults(func=_ask)
+
+    p = sub.add_parser("score", help="log-likelihood of candidate answers (multiple-choice scoring)")
+    _add_model_args(p)
+    p.add_argument("question")
+    p.add_argument("--option", action="append", default=[], required=True, help="a candidate answer (repeat)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=_score)
     return parser
 
 

@@ -1,0 +1,235 @@
+"""Asking MuFun about songs, and scoring candidate answers: the engine behind `jaxmusic ask`/`score`.
+
+A request is some audio files (each with an optional `[start, end]` crop) and a question.
+The host decodes and chunks the audio, renders the `qwen2_instruct` prompt and lays the
+batch out with `mufun.build_splice_plan` (lengths and chunk counts in buckets, so new
+inputs rarely compile anew); the device computes the spliced embeddings in one jitted
+call and `jaxmusic.generate` runs the KV-cache decode loop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxmusic import audio, mufun, templates
+from jaxmusic.errors import UserError
+from jaxmusic.generate import generate
+from jaxmusic.model import MuFun, token_log_likelihoods
+from jaxmusic.models.qwen3 import Qwen3Config
+from jaxmusic.models.whisper import WhisperEncoderConfig
+from jaxmusic.nn import ModelOptions
+
+HOP = 160  # Whisper's STFT hop: encoder input frames x HOP = samples per chunk
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+    question: str
+    audio: tuple[str, ...] = ()
+    segments: tuple[tuple[float, float] | None, ...] = ()  # one per audio file, None = whole file
+
+    def __post_init__(self):
+        if not self.question.strip():
+            raise UserError("the question is empty")
+        if len(self.segments) > len(self.audio):
+            raise UserError(f"{len(self.segments)} segments given for {len(self.audio)} audio files")
+
+
+@dataclasses.dataclass
+class Loaded:
+    """A MuFun ready for inference: the model split once, its tokenizer and settings."""
+
+    model: MuFun
+    tokenizer: object
+    cfg: mufun.MuFunConfig
+    stop_ids: tuple[int, ...]
+
+    @property
+    def frames(self) -> int:  # log-mel frames per chunk
+        return 2 * self.model.whisper.cfg.max_source_positions
+
+    @property
+    def n_mels(self) -> int:
+        return self.model.whisper.cfg.num_mel_bins
+
+
+# ------------------------------------------------------------------------------ loading
+
+def _released_cache(folder: Path) -> Path:
+    """Where an on-the-fly import of a released-layout folder is kept (reused while unchanged)."""
+    stamp = [str(folder.resolve())] + sorted(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}"
+                                             for p in folder.iterdir() if p.is_file())
+    digest = hashlib.sha256("\n".join(stamp).encode()).hexdigest()[:16]
+    root = Path(os.environ.get("JAXMUSIC_CACHE", Path.home() / ".cache" / "jaxmusic"))
+    return root / "imported" / digest
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """A jaxmusic checkpoint folder for `path`, importing a released MuFun folder if needed."""
+    from jaxmusic import checkpoint
+
+    folder = Path(path)
+    if not folder.is_dir():
+        raise UserError(f"{path}: no such checkpoint folder")
+    if (folder / checkpoint.META_FILE).is_file():
+        return folder
+    config = folder / "config.json"
+    if config.is_file():
+        try:
+            model_type = json.loads(config.read_text()).get("model_type")
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            model_type = None
+        if model_type == "tinyllava":
+            cached = _released_cache(folder)
+            if not (cached / checkpoint.META_FILE).is_file():
+                print(f"importing released MuFun folder {folder} into {cached} (once)")
+                checkpoint.import_mufun(cached, folder)
+            return cached
+    raise UserError(f"{path}: neither a jaxmusic checkpoint ({checkpoint.META_FILE}) nor a released "
+                    "MuFun folder (config.json with model_type 'tinyllava')")
+
+
+def load(path: str | os.PathLike, opts: ModelOptions = ModelOptions()) -> Loaded:
+    """Load a whole MuFun (and its tokenizer) from a jaxmusic checkpoint or a released folder."""
+    from transformers import AutoTokenizer
+
+    from jaxmusic import checkpoint
+
+    ckpt = resolve_checkpoint(path)
+    meta = checkpoint.read_meta(ckpt)
+    parts = meta.get("parts", {})
+    missing = [p for p in ("whisper", "connector", "llm") if p not in parts]
+    if missing or "mufun" not in meta:
+        raise UserError(f"{ckpt}: not a whole MuFun checkpoint (missing {', '.join(missing) or 'mufun config'})")
+    cfg = mufun.MuFunConfig.from_dict(meta["mufun"])
+    wcfg = WhisperEncoderConfig.from_hf(parts["whisper"]["hf_config"])
+    lcfg = Qwen3Config.from_hf(parts["llm"]["hf_config"])
+
+    abstract = nnx.eval_shape(lambda: MuFun(wcfg, lcfg, cfg, opts, nnx.Rngs(0)))
+    graphdef, state = nnx.split(abstract)
+    restored = {part: checkpoint.load_params(ckpt, part, state[part]) for part in ("whisper", "connector", "llm")}
+    nnx.replace_by_pure_dict(state, restored)
+    model = nnx.merge(graphdef, state)
+
+    tokenizer = AutoTokenizer.from_pretrained(ckpt / parts["llm"]["tokenizer"])
+    if not tokenizer.is_fast:
+        raise UserError(f"{ckpt}: the tokenizer must be a fast (tokenizer.json) tokenizer")
+    stop = [tokenizer.convert_tokens_to_ids(templates.END_OF_TURN), tokenizer.eos_token_id]
+    stop_ids = tuple(sorted({int(s) for s in stop if s is not None and s != tokenizer.unk_token_id}))
+    return Loaded(model, tokenizer, cfg, stop_ids)
+
+
+# ------------------------------------------------------------------------------ batches
+
+def _request_mels(loaded: Loaded, req: Request) -> list[np.ndarray]:
+    """Log-mel chunks `[n_chunks, n_mels, frames]` of each audio file of a request."""
+    chunk = loaded.frames * HOP
+    mels = []
+    for i, path in enumerate(req.audio):
+        seg = req.segments[i] if i < len(req.segments) else None
+        wav = audio.load_audio(path, start=seg[0] if seg else None, end=seg[1] if seg else None)
+        mels.append(audio.log_mel_np(audio.chunk_waveform(wav, chunk=chunk), n_mels=loaded.n_mels))
+    return mels
+
+
+@nnx.jit(static_argnames=("groups",))
+def _embed(model: MuFun, mel, input_ids, audio_index, is_audio, groups=1):
+    return model.inputs_embeds(mel, input_ids, audio_index, is_audio, groups=groups)
+
+
+@nnx.jit
+def _logits(model: MuFun, mel, input_ids, audio_index, is_audio, positions, valid):
+    embeds = model.inputs_embeds(mel, input_ids, audio_index, is_audio)
+    logits, _ = model.llm(embeds, positions, valid=valid)
+    return logits
+
+
+def _layout(loaded: Loaded, texts: Sequence[templates.TokenizedText], mels: Sequence[list[np.ndarray]]):
+    cfg = loaded.cfg
+    plan = mufun.build_splice_plan(
+        texts, [[len(m) for m in ms] for ms in mels], tokens_per_chunk=cfg.tokens_per_chunk(loaded.frames // 2),
+        length_buckets=cfg.length_buckets, chunk_buckets=cfg.chunk_buckets,
+        pad_id=loaded.tokenizer.pad_token_id or 0)
+    chunks = mufun.stack_chunks(mels, plan, (loaded.n_mels, loaded.frames))
+    return plan, jnp.asarray(chunks)
+
+
+def _encode(fn, req: Request, *args):
+    try:
+        return fn(*args)
+    except templates.TemplateError as e:
+        raise UserError(str(e)) from None
+
+
+# ------------------------------------------------------------------------------ ask / score
+
+def ask(loaded: Loaded, requests: Sequence[Request], *, max_new_tokens: int = 256, temperature: float = 0.0,
+        top_p: float = 1.0, seed: int = 0,
+        on_text: Callable[[int, str], None] | None = None) -> list[str]:
+    """Answer a batch of requests; `on_text(row, new_text)` streams each row's text as it grows."""
+    tok = loaded.tokenizer
+    texts = [_encode(templates.encode_prompt, r, r.question, len(r.audio), tok) for r in requests]
+    mels = [_request_mels(loaded, r) for r in requests]
+    plan, chunks = _layout(loaded, texts, mels)
+    embeds = _embed(loaded.model, chunks, jnp.asarray(plan.input_ids), jnp.asarray(plan.audio_index),
+                    jnp.asarray(plan.is_audio))
+
+    ids: list[list[int]] = [[] for _ in requests]
+    shown = [""] * len(requests)
+
+    def stream(_step, new):
+        for row, t in enumerate(np.asarray(new)):
+            if t < 0 or int(t) in loaded.stop_ids:
+                continue
+            ids[row].append(int(t))
+            text = tok.decode(ids[row], skip_special_tokens=True)
+            if on_text is not None and text.startswith(shown[row]) and len(text) > len(shown[row]):
+                on_text(row, text[len(shown[row]):])
+            shown[row] = text
+
+    generate(nnx.split(loaded.model.llm), embeds, plan.lengths, max_new_tokens=max_new_tokens,
+             temperature=temperature, top_p=top_p, seed=seed, stop_ids=loaded.stop_ids, on_token=stream)
+    return [tok.decode(row, skip_special_tokens=True) for row in ids]
+
+
+@dataclasses.dataclass(frozen=True)
+class OptionScore:
+    option: str
+    total: float              # sum of log p over the answer's tokens (and <|im_end|>)
+    per_token: tuple[float, ...]
+    tokens: tuple[str, ...]
+
+    @property
+    def mean(self) -> float:
+        return self.total / max(len(self.per_token), 1)
+
+
+def score(loaded: Loaded, request: Request, options: Sequence[str]) -> list[OptionScore]:
+    """Log-likelihood of each candidate answer under the `qwen2_instruct` template."""
+    if not options:
+        raise UserError("give at least one --option to score")
+    tok = loaded.tokenizer
+    n_audio = len(request.audio)
+    texts = [_encode(templates.encode_scoring, request, request.question, o, n_audio, tok) for o in options]
+    mel = _request_mels(loaded, request)
+    plan, chunks = _layout(loaded, texts, [mel] * len(options))
+    logits = _logits(loaded.model, chunks, jnp.asarray(plan.input_ids), jnp.asarray(plan.audio_index),
+                     jnp.asarray(plan.is_audio), jnp.asarray(plan.positions), jnp.asarray(plan.attention_mask))
+    logp, valid = jax.device_get(token_log_likelihoods(logits, jnp.asarray(plan.labels)))
+    out = []
+    for row, option in enumerate(options):
+        keep = valid[row]
+        targets = plan.labels[row, 1:][keep]
+        out.append(OptionScore(option, float(logp[row][keep].sum()), tuple(float(x) for x in logp[row][keep]),
+                               tuple(tok.convert_ids_to_tokens([int(t) for t in targets]))))
+    return out

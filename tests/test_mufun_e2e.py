@@ -1,0 +1,206 @@
+"""End-to-end parity with a PyTorch MuFun in the released layout.
+
+The reference is assembled here from transformers' `WhisperEncoder` and `Qwen3ForCausalLM`
+plus a connector written from the brief's formulas (Linear -> exact GELU -> Linear on the
+concatenated hidden states 0, 1, 3, 4, mean-pooled 5:1), saved as a released MuFun folder
+(`config.json` with model_type "tinyllava", prefixed tensors), imported with
+`convert/hf_to_jax.py --mufun`, and compared on a two-audio interleaved prompt whose first
+file is 75 s long (3 chunks).
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from safetensors.torch import save_file
+from transformers import Qwen3Config, Qwen3ForCausalLM, WhisperConfig, WhisperForConditionalGeneration
+
+from jaxmusic import audio, inference, templates
+from jaxmusic.tokenizer import train_tokenizer
+
+REPO = Path(__file__).resolve().parent.parent
+FUSION = [0, 1, 3, 4]
+POOL = 5
+QUESTION = "<audio>\nFirst song. <audio> Second song. Which one is faster?"
+
+
+def _torch_mufun(seed=0):
+    torch.manual_seed(seed)
+    wcfg = WhisperConfig(num_mel_bins=128, d_model=32, encoder_layers=4, encoder_attention_heads=2,
+                         encoder_ffn_dim=64, decoder_layers=1, decoder_attention_heads=2, decoder_ffn_dim=64,
+                         max_source_positions=1500, vocab_size=64, pad_token_id=0, bos_token_id=1,
+                         eos_token_id=2, decoder_start_token_id=1)
+    encoder = WhisperForConditionalGeneration(wcfg).get_encoder().eval()
+    tokenizer = train_tokenizer([templates.SYSTEM, QUESTION, "USER: ASSISTANT: fast slow the first second"],
+                                vocab_size=300)
+    qcfg = Qwen3Config(vocab_size=len(tokenizer), hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=12, tie_word_embeddings=False,
+                       rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    llm = Qwen3ForCausalLM(qcfg).eval()
+    d_in = len(FUSION) * wcfg.d_model
+    connector = torch.nn.Sequential(torch.nn.Linear(d_in, 2 * d_in), torch.nn.GELU(),
+                                     torch.nn.Linear(2 * d_in, qcfg.hidden_size)).eval()
+    return wcfg, encoder, qcfg, llm, connector, tokenizer
+
+
+def _save_released(folder: Path, wcfg, encoder, qcfg, llm, connector, tokenizer):
+    folder.mkdir()
+    tensors = {f"vision_tower._vision_tower.{k}": v for k, v in encoder.state_dict().items()}
+    tensors.update({f"language_model.{k}": v for k, v in llm.state_dict().items()})
+    for i, name in ((0, "linear1"), (2, "linear2")):
+        tensors[f"connector._connector.{name}.weight"] = connector[i].weight
+        tensors[f"connector._connector.{name}.bias"] = connector[i].bias
+    save_file({k: v.detach().contiguous().clone() for k, v in tensors.items()}, folder / "model.safetensors")
+    config = {"model_type": "tinyllava", "connector_type": "blp_4i_2x", "hidden_size": qcfg.hidden_size,
+              "vision_hidden_size": wcfg.d_model, "text_config": qcfg.to_dict(), "vision_config": wcfg.to_dict()}
+    (folder / "config.json").write_text(json.dumps(config))
+    tokenizer.save_pretrained(str(folder))
+
+
+def _write_audio(folder: Path):
+    rng = np.random.default_rng(0)
+    t75 = np.arange(75 * 22050) / 22050
+    song1 = 0.3 * np.sin(2 * np.pi * 220 * t75 * (1 + 0.1 * np.sin(t75))) + 0.02 * rng.standard_normal(t75.size)
+    t9 = np.arange(9 * 16000) / 16000
+    song2 = 0.2 * np.sign(np.sin(2 * np.pi * 3 * t9)) * np.sin(2 * np.pi * 440 * t9)
+    paths = [folder / "song1.flac", folder / "song2.wav"]
+    sf.write(paths[0], np.stack([song1, 0.5 * song1], 1).astype(np.float32), 22050)
+    sf.write(paths[1], song2.astype(np.float32), 16000)
+    return paths
+
+
+@torch.no_grad()
+def _torch_audio_tokens(encoder, connector, mel):
+    hidden = encoder(torch.from_numpy(mel), output_hidden_states=True).hidden_states
+    fused = torch.cat([hidden[i] for i in FUSION], dim=-1)
+    pooled = torch.nn.functional.avg_pool1d(fused.transpose(1, 2), POOL, POOL).transpose(1, 2)
+    return connector(pooled).reshape(-1, connector[2].out_features)
+
+
+@torch.no_grad()
+def _torch_logits(llm, encoder, connector, text: templates.TokenizedText, mels):
+    embed = llm.get_input_embeddings()
+    parts = []
+    for i, ids in enumerate(text.pieces):
+        parts.append(embed(torch.from_numpy(np.asarray(ids, np.int64))))
+        if i < len(mels):
+            parts.append(_torch_audio_tokens(encoder, connector, mels[i]))
+    embeds = torch.cat(parts)[None]
+    return llm(inputs_embeds=embeds).logits[0].numpy(), embeds.shape[1]
+
+
+@pytest.fixture(scope="module")
+def released(tmp_path_factory):
+    root = tmp_path_factory.mktemp("e2e")
+    parts = _torch_mufun()
+    _save_released(root / "released", *parts)
+    (root / "mufun.yaml").write_text(f"fusion_layers: {FUSION}\npool_kernel: {POOL}\npool_stride: {POOL}\n")
+    ckpt = root / "ckpt"
+    proc = subprocess.run([sys.executable, str(REPO / "convert" / "hf_to_jax.py"), "--mufun",
+                           str(root / "released"), "--mufun-config", str(root / "mufun.yaml"), "--out", str(ckpt)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    return root, ckpt, parts, _write_audio(root)
+
+
+def test_logits_match_pytorch_on_interleaved_two_audio_prompt(released):
+    root, ckpt, (wcfg, encoder, qcfg, llm, connector, tokenizer), paths = released
+    loaded = inference.load(ckpt)
+    request = inference.Request(QUESTION, tuple(map(str, paths)))
+    text = templates.encode_prompt(QUESTION, 2, loaded.tokenizer)
+    mels = inference._request_mels(loaded, request)
+    assert [len(m) for m in mels] == [3, 1]  # 75 s -> 30 + 30 + 15 s
+
+    ref, n = _torch_logits(llm, encoder, connector, text, mels)
+    plan, chunks = inference._layout(loaded, [text], [mels])
+    ours = inference._logits(loaded.model, chunks, plan.input_ids, plan.audio_index, plan.is_audio,
+                             plan.positions, plan.attention_mask)
+    ours = np.asarray(ours)[0, :n]
+    assert plan.lengths[0] == n == sum(len(p) for p in text.pieces) + 4 * 300
+    # reached: 2.9e-6 max-abs over all positions and the whole vocabulary (logits ~ 1)
+    np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=0)
+
+
+def test_score_matches_pytorch(released):
+    root, ckpt, (wcfg, encoder, qcfg, llm, connector, tokenizer), paths = released
+    loaded = inference.load(ckpt)
+    request = inference.Request(QUESTION, tuple(map(str, paths)))
+    options = ["the first", "the second one", "fast"]
+    scores = inference.score(loaded, request, options)
+    mels = inference._request_mels(loaded, request)
+    for option, s in zip(options, scores):
+        text = templates.encode_scoring(QUESTION, option, 2, loaded.tokenizer)
+        logits, _ = _torch_logits(llm, encoder, connector, text, mels)
+        ids = np.concatenate(text.pieces)
+        mask = np.concatenate(text.loss_masks)
+        # positions of the last piece's labelled tokens in the spliced sequence
+        offset = logits.shape[0] - len(text.pieces[-1])
+        logp = torch.log_softmax(torch.from_numpy(logits), -1).numpy()
+        last_ids, last_mask = text.pieces[-1], text.loss_masks[-1]
+        assert mask.sum() == last_mask.sum() == len(s.per_token)
+        ref = [logp[offset + j - 1, last_ids[j]] for j in np.flatnonzero(last_mask)]
+        # reached: 1.9e-6 on per-token and total log-likelihoods
+        np.testing.assert_allclose(s.per_token, ref, atol=1e-3)
+        assert abs(s.total - sum(ref)) < 1e-3
+        assert len(ids) == sum(len(p) for p in text.pieces)
+
+
+def test_released_export_round_trip_is_bit_exact(released, tmp_path):
+    root, ckpt, *_ = released
+    out = tmp_path / "exported"
+    proc = subprocess.run([sys.executable, str(REPO / "convert" / "jax_to_hf.py"), str(ckpt), "--out", str(out)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    from safetensors.numpy import load_file
+
+    original = load_file(root / "released" / "model.safetensors")
+    files = sorted(out.glob("*.safetensors"))
+    exported = {k: v for f in files for k, v in load_file(f).items()}
+    assert set(exported) == set(original)
+    for k, v in original.items():
+        assert exported[k].dtype == v.dtype and np.array_equal(exported[k], v), k
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "tinyllava" and config["connector_type"] == "blp_4i_2x"
+
+
+def test_cli_ask_and_score(released):
+    root, ckpt, _, paths = released
+    base = [sys.executable, "-m", "jaxmusic.cli"]
+    ask = subprocess.run(base + ["ask", str(ckpt), "--audio", str(paths[0]), "--audio", str(paths[1]),
+                                 "--max-new-tokens", "5", QUESTION], capture_output=True, text=True)
+    assert ask.returncode == 0, ask.stderr
+    score = subprocess.run(base + ["score", str(root / "released"), "--audio", str(paths[1]), "Fast?",
+                                   "--option", "yes", "--option", "no", "--json"], capture_output=True, text=True,
+                           env={**__import__("os").environ, "JAXMUSIC_CACHE": str(root / "cache")})
+    assert score.returncode == 0, score.stderr
+    result = json.loads(score.stdout[score.stdout.index("{"):])
+    assert result["best"] in ("yes", "no") and len(result["options"]) == 2
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--audio", "missing.wav", "q"], "missing.wav"),
+    (["--audio", "{song}", "<audio> <audio> two tags"], "tags"),
+    (["--audio", "{song}", "   "], "empty"),
+    (["--audio", "{song}", "--segment", "5", "2", "q"], "crop"),
+])
+def test_cli_user_errors_are_one_line(released, args, message):
+    root, ckpt, _, paths = released
+    args = [a.replace("{song}", str(paths[1])) for a in args]
+    proc = subprocess.run([sys.executable, "-m", "jaxmusic.cli", "ask", str(ckpt)] + args,
+                          capture_output=True, text=True)
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert message in lines[0].lower() or message in lines[0]
+
+
+def test_cli_rejects_folder_that_is_neither_format(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "jaxmusic.cli", "ask", str(tmp_path), "q"],
+                          capture_output=True, text=True)
+    assert proc.returncode != 0 and "neither" in proc.stderr and "Traceback" not in proc.stderr
