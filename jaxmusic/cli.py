@@ -63,7 +63,7 @@ def _ask(args) -> None:
         if not args.out:
             raise UserError("--batch needs --out FILE for the answers")
         requests = _read_requests(args.batch)
-        loaded = inference.load(args.checkpoint, _options(args))
+        loaded = inference.load(args.checkpoint, _options(args), args.mufun_config)
         from tqdm import tqdm
 
         with open(args.out, "w", encoding="utf-8") as f, tqdm(total=len(requests), desc="answering") as bar:
@@ -78,7 +78,7 @@ def _ask(args) -> None:
     if args.question is None:
         raise UserError("give a question (or --batch FILE)")
     request = _request(args)
-    loaded = inference.load(args.checkpoint, _options(args))
+    loaded = inference.load(args.checkpoint, _options(args), args.mufun_config)
     inference.ask(loaded, [request], **sampling, on_text=lambda _row, text: print(text, end="", flush=True))
     print()
 
@@ -87,7 +87,7 @@ def _score(args) -> None:
     from jaxmusic import inference
 
     request = _request(args)
-    loaded = inference.load(args.checkpoint, _options(args))
+    loaded = inference.load(args.checkpoint, _options(args), args.mufun_config)
     scores = inference.score(loaded, request, args.option)
     best = max(range(len(scores)), key=lambda i: scores[i].total)
     if args.json:
@@ -110,6 +110,11 @@ def _add_model_args(p):
                    help="crop in seconds for the audio file of the same position (repeatable)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                    help="parameter and compute dtype (bfloat16 halves memory on GPUs)")
+    p.add_argument("--mufun-config", metavar="YAML",
+                   help="glue settings used when importing a released folder (default configs/mufun.yaml)")
+
+
+INTERMIXED = ("ask", "score")  # commands whose positional question may come after options
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -142,7 +147,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    if argv and argv[0] in commands and argv[0] in INTERMIXED:
+        # the question may follow the options: `ask CKPT --audio a.wav "question"`
+        args = commands[argv[0]].parse_intermixed_args(argv[1:])
+    else:
+        args = parser.parse_args(argv)
     try:
         args.func(args)
     except UserError as e:

@@ -74,8 +74,9 @@ def _released_cache(folder: Path) -> Path:
     return root / "imported" / digest
 
 
-def resolve_checkpoint(path: str | os.PathLike) -> Path:
-    """A jaxmusic checkpoint folder for `path`, importing a released MuFun folder if needed."""
+def resolve_checkpoint(path: str | os.PathLike, mufun_config: str | None = None) -> Path:
+    """A jaxmusic checkpoint folder for `path`, importing a released MuFun folder if needed
+    (with the glue settings of `mufun_config`, default configs/mufun.yaml)."""
     from jaxmusic import checkpoint
 
     folder = Path(path)
@@ -93,19 +94,21 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
             cached = _released_cache(folder)
             if not (cached / checkpoint.META_FILE).is_file():
                 print(f"importing released MuFun folder {folder} into {cached} (once)")
-                checkpoint.import_mufun(cached, folder)
+                from jaxmusic.mufun_checkpoint import import_mufun
+
+                import_mufun(cached, folder, mufun_config=mufun_config)
             return cached
     raise UserError(f"{path}: neither a jaxmusic checkpoint ({checkpoint.META_FILE}) nor a released "
                     "MuFun folder (config.json with model_type 'tinyllava')")
 
 
-def load(path: str | os.PathLike, opts: ModelOptions = ModelOptions()) -> Loaded:
+def load(path: str | os.PathLike, opts: ModelOptions = ModelOptions(), mufun_config: str | None = None) -> Loaded:
     """Load a whole MuFun (and its tokenizer) from a jaxmusic checkpoint or a released folder."""
     from transformers import AutoTokenizer
 
     from jaxmusic import checkpoint
 
-    ckpt = resolve_checkpoint(path)
+    ckpt = resolve_checkpoint(path, mufun_config)
     meta = checkpoint.read_meta(ckpt)
     parts = meta.get("parts", {})
     missing = [p for p in ("whisper", "connector", "llm") if p not in parts]
