@@ -115,6 +115,10 @@ def _add_model_args(p):
 
 
 INTERMIXED = ("ask", "score")  # commands whose positional question may come after options
+# Commands whose module parses its own arguments: `jaxmusic CMD ...` runs `module.main(argv)`.
+DELEGATED = {
+    "eval": ("jaxmusic.evaluate", "multiple-choice evaluation on a MuCUE-style benchmark file"),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -143,12 +147,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--option", action="append", default=[], required=True, help="a candidate answer (repeat)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=_score)
+    for name, (_, help_text) in DELEGATED.items():
+        sub.add_parser(name, help=help_text, add_help=False)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in DELEGATED:
+        import importlib
+
+        return importlib.import_module(DELEGATED[argv[0]][0]).main(argv[1:])
+    parser = build_parser()
     commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
     if argv and argv[0] in commands and argv[0] in INTERMIXED:
         # the question may follow the options: `ask CKPT --audio a.wav "question"`

@@ -1,0 +1,304 @@
+"""`jaxmusic eval`: answer extraction, benchmark parsing, and exact scores of a model forced to one answer.
+
+The model is a real MuFun in the released layout (torch Whisper + Qwen3 + connector), imported
+with `convert/hf_to_jax.py --mufun`, whose LLM is wired as a bigram machine: every layer's
+output projections are zero, so the hidden state at a position is its token's embedding; the
+embeddings are one-hot "states" and `lm_head` maps each state to one next token. It is set so
+that after the prompt it always answers "blues" then `<|im_end|>` (both when generating and when
+an option is scored), whatever the audio. The expected accuracy of any benchmark is then known.
+"""
+
+import dataclasses
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from safetensors.torch import save_file
+from transformers import Qwen3Config, Qwen3ForCausalLM, WhisperConfig, WhisperForConditionalGeneration
+
+from jaxmusic import evaluate, inference, templates
+from jaxmusic.errors import UserError
+from jaxmusic.evaluate import extract_choice, mucue_prompt
+from jaxmusic.tokenizer import train_tokenizer
+
+REPO = Path(__file__).resolve().parent.parent
+FORCED = "blues"
+GENRES = ["blues", "jazz", "rock", "pop"]
+HIDDEN = 32
+
+
+# ------------------------------------------------------------------------------- extraction
+
+CHOICES = ["C major", "A major", "E minor", "F major"]
+
+
+@pytest.mark.parametrize("output, expected", [
+    ("B", 1), ("(b)", 1), (" C. ", 2), ("[D]", 3),
+    ("Answer: B", 1), ("The answer is (C).", 2), ("I choose option D", 3), ("answer:A", 0),
+    ("B. A major", 1), ("(B) A major", 1), ("D) F major", 3), ("It must be (C).", 2),
+    ("A major", 1), ("a major.", 1), ("The key is E minor.", 2),
+    ("the answer is A major", 1),           # "A" starts an option's text: not a letter
+    ("(B) A major, not (A) C major", None), # two letters
+    ("B. A major, surely", 1),              # the letter's option is the one mentioned
+    ("C major or A major", None),           # two options mentioned
+    ("B. E minor", None),                   # the letter and the mentioned option disagree
+    ("(A) or (B)", None), ("", None), ("no idea", None), ("E", None), ("G major", None),
+])
+def test_extract_choice(output, expected):
+    assert extract_choice(output, CHOICES) == expected
+
+
+def test_extract_choice_prefers_longest_option_and_refuses_letter_text_clash():
+    tempo = ["slow", "moderate", "fast", "very fast"]
+    assert extract_choice("very fast", tempo) == 3
+    assert extract_choice("It is very fast, about 180 BPM.", tempo) == 3
+    assert extract_choice("fast", tempo) == 2
+    assert extract_choice("slow or fast", tempo) is None
+    # "B" is both the letter of option 1 and the text of option 0: never guess
+    assert extract_choice("B", ["B", "C", "D", "E"]) is None
+    assert extract_choice("B", ["A", "B", "C", "D"]) == 1  # both readings agree
+
+
+def test_prompt_is_mucue_exact():
+    assert mucue_prompt("Which key?", ["C major", "A minor"]) == (
+        "Choose the correct option for the question based on the audio. Which key? A. C major\nB. A minor")
+
+
+# ------------------------------------------------------------------------------- benchmark file
+
+def test_read_benchmark_answer_forms_and_errors(tmp_path):
+    rows = [{"audio": "x.wav", "question": "q", "choices": GENRES, "answer": "c"},
+            {"audio": ["x.wav", "y.wav"], "time": [None, [1, 2]], "question": "q", "choices": GENRES, "answer": 3},
+            {"audio": "x.wav", "time": [0, 5], "question": "q", "choices": {"A": "x", "B": "y"}, "answer": "y",
+             "subset": "tempo", "id": "k"}]
+    path = tmp_path / "b.json"
+    path.write_text(json.dumps(rows))
+    items = evaluate.read_benchmark(path)
+    assert [it.answer for it in items] == [2, 3, 1]
+    assert items[1].segments == (None, (1.0, 2.0)) and items[2].segments == ((0.0, 5.0),)
+    assert items[0].audio == (str(tmp_path / "x.wav"),) and items[2].subset == "tempo" and items[0].subset == "default"
+    assert len(evaluate.read_benchmark(path, limit=2)) == 2
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(rows[0]) + "\n" + json.dumps({**rows[0], "answer": "rap"}) + "\n")
+    with pytest.raises(UserError, match=r"bad.jsonl:2: .*'rap'"):
+        evaluate.read_benchmark(bad)
+    bad.write_text(json.dumps({**rows[1], "question": "<audio> q"}) + "\n")
+    with pytest.raises(UserError, match=r"bad.jsonl:1: .*1 <audio> tags for 2 audio files"):
+        evaluate.read_benchmark(bad)
+    bad.write_text('{"question": "q"\n')
+    with pytest.raises(UserError, match=r"bad.jsonl:1: not valid JSON"):
+        evaluate.read_benchmark(bad)
+
+
+# ------------------------------------------------------------------------------- forced model
+
+def _items():
+    """(benchmark item, expected status in generate mode); audio files written by `_write_audio`."""
+    return [
+        ({"id": "a", "audio": "tone.wav", "question": "Genre?", "choices": GENRES, "answer": "A",
+          "subset": "genre"}, "correct"),
+        ({"id": "b", "audio": "long.flac", "question": "Genre?", "choices": ["jazz", "blues", "rock", "pop"],
+          "answer": 1, "subset": "genre"}, "correct"),
+        ({"id": "c", "audio": "tone.wav", "time": [0.5, 2.0], "question": "Style?",
+          "choices": ["jazz", "rock", "blues", "pop"], "answer": "rock", "subset": "mood"}, "wrong"),
+        ({"id": "d", "audio": "tone.wav", "question": "Genre?", "choices": ["jazz", "rock", "pop", "metal"],
+          "answer": "D", "subset": "mood"}, "unparsed"),
+        ({"id": "e", "audio": "broken.wav", "question": "Genre?", "choices": GENRES, "answer": "A",
+          "subset": "mood"}, "skipped"),
+        ({"id": "f", "audio": "tone.wav", "time": [5, 9], "question": "Genre?", "choices": GENRES, "answer": "A",
+          "subset": "genre"}, "skipped"),
+        ({"id": "g", "audio": ["tone.wav", "long.flac"], "question": "<audio> then <audio>: genre?",
+          "choices": ["pop", "blues"], "answer": "blues", "subset": "genre"}, "correct"),
+        ({"id": "h", "audio": "missing.ogg", "question": "Genre?", "choices": GENRES, "answer": "A",
+          "subset": "mood"}, "skipped"),
+    ]
+
+
+def _write_audio(root: Path):
+    t = np.arange(3 * 16000) / 16000
+    sf.write(root / "tone.wav", (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32), 16000)
+    t = np.arange(7 * 22050) / 22050  # three chunks: the test encoder's chunks are 3 s (150 positions)
+    sf.write(root / "long.flac", (0.3 * np.sin(2 * np.pi * 220 * t)).astype(np.float32), 22050)
+    (root / "broken.wav").write_bytes(b"RIFF\x00\x00\x00\x00WAVEfmt not really a wave file" * 4)
+
+
+def _bigram_chain(tok) -> dict[int, int]:
+    """token -> next token, so both a greedy answer and a scored option read `FORCED<|im_end|>`."""
+    im_end = tok.convert_tokens_to_ids(templates.END_OF_TURN)
+    prompt = mucue_prompt("Genre?", GENRES)
+    generated = [int(templates.encode_prompt(prompt, 1, tok).pieces[-1][-1])]
+    generated += tok(FORCED, add_special_tokens=False)["input_ids"] + [im_end]
+    scored = templates.encode_scoring(prompt, FORCED, 1, tok)
+    ids, mask = scored.pieces[-1], scored.loss_masks[-1]
+    scored = [int(x) for x in ids[int(np.flatnonzero(mask)[0]) - 1:]]  # the token before the answer, the answer
+    chain = {}
+    for seq in (generated, scored):
+        for a, b in zip(seq, seq[1:]):
+            assert chain.setdefault(a, b) == b, "the two chains disagree; pick another forced answer"
+    return chain
+
+
+def _save_forced_released(folder: Path, tok):
+    torch.manual_seed(0)
+    wcfg = WhisperConfig(num_mel_bins=128, d_model=16, encoder_layers=3, encoder_attention_heads=2,
+                         encoder_ffn_dim=32, decoder_layers=1, decoder_attention_heads=2, decoder_ffn_dim=32,
+                         max_source_positions=150, vocab_size=64, pad_token_id=0, bos_token_id=1,
+                         eos_token_id=2, decoder_start_token_id=1)
+    encoder = WhisperForConditionalGeneration(wcfg).get_encoder()
+    qcfg = Qwen3Config(vocab_size=len(tok), hidden_size=HIDDEN, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=8, tie_word_embeddings=False,
+                       rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    llm = Qwen3ForCausalLM(qcfg)
+    # blp_4i_2x: four fused encoder states (0..3), hidden width twice the fused width
+    connector = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.GELU(), torch.nn.Linear(128, HIDDEN))
+    chain = _bigram_chain(tok)
+    assert len(chain) < HIDDEN
+    emb = torch.zeros(len(tok), HIDDEN)
+    emb[:, -1] = 1.0                        # every token outside the chain: a state with no preference
+    head = torch.zeros(len(tok), HIDDEN)
+    for state, (token, nxt) in enumerate(chain.items()):
+        emb[token] = 0.0
+        emb[token, state] = 1.0
+        head[nxt, state] = 30.0 / HIDDEN ** 0.5  # RMSNorm scales a one-hot to sqrt(HIDDEN): logit 30
+    with torch.no_grad():
+        llm.model.embed_tokens.weight.copy_(emb)
+        llm.lm_head.weight.copy_(head)
+        llm.model.norm.weight.fill_(1.0)
+        for layer in llm.model.layers:  # no layer changes the residual stream
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+
+    folder.mkdir()
+    tensors = {f"vision_tower._vision_tower.{k}": v for k, v in encoder.state_dict().items()}
+    tensors.update({f"language_model.{k}": v for k, v in llm.state_dict().items()})
+    for i, name in ((0, "linear1"), (2, "linear2")):
+        tensors[f"connector._connector.{name}.weight"] = connector[i].weight
+        tensors[f"connector._connector.{name}.bias"] = connector[i].bias
+    save_file({k: v.detach().contiguous().clone() for k, v in tensors.items()}, folder / "model.safetensors")
+    config = {"model_type": "tinyllava", "connector_type": "blp_4i_2x", "hidden_size": HIDDEN,
+              "vision_hidden_size": wcfg.d_model, "text_config": qcfg.to_dict(), "vision_config": wcfg.to_dict()}
+    (folder / "config.json").write_text(json.dumps(config))
+    tok.save_pretrained(str(folder))
+
+
+@pytest.fixture(scope="module")
+def forced(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    _write_audio(root)
+    items = _items()
+    texts = [templates.SYSTEM, "USER: ASSISTANT: " + FORCED + " " + " ".join(GENRES + ["metal"])]
+    texts += [mucue_prompt(it["question"], it["choices"]) for it, _ in items]
+    tok = train_tokenizer(texts, vocab_size=300)
+    _save_forced_released(root / "released", tok)
+    (root / "mufun.yaml").write_text("fusion_layers: [0, 1, 2, 3]\npool_kernel: 5\npool_stride: 5\n")
+    ckpt = root / "ckpt"
+    proc = subprocess.run([sys.executable, str(REPO / "convert" / "hf_to_jax.py"), "--mufun", str(root / "released"),
+                           "--mufun-config", str(root / "mufun.yaml"), "--out", str(ckpt)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    bench = root / "bench.jsonl"
+    bench.write_text("".join(json.dumps(it) + "\n" for it, _ in items))
+    return root, ckpt, bench, inference.load(ckpt)
+
+
+def _statuses(out: Path) -> dict[str, str]:
+    return {r["id"]: r["status"] for r in map(json.loads, (out / "items.jsonl").read_text().splitlines())}
+
+
+def test_generate_scores_exactly_the_forced_answers(forced, tmp_path):
+    root, ckpt, bench, loaded = forced
+    summary = evaluate.run(str(ckpt), str(bench), mode="generate", out=str(tmp_path), batch_size=4,
+                           loaded=loaded, progress=False)
+    expected = {it["id"]: status for it, status in _items()}
+    assert _statuses(tmp_path) == expected
+    outputs = [r.get("output") for r in map(json.loads, (tmp_path / "items.jsonl").read_text().splitlines())]
+    assert set(outputs) == {FORCED, None}  # the model really is forced
+    o = summary["overall"]
+    assert (o["items"], o["scored"], o["correct"], o["wrong"], o["unparsed"], o["skipped"]) == (8, 5, 3, 1, 1, 3)
+    assert o["accuracy"] == 3 / 5
+    g, m = summary["subsets"]["genre"], summary["subsets"]["mood"]
+    assert (g["accuracy"], g["skipped"], m["accuracy"], m["unparsed"]) == (1.0, 1, 0.0, 1)
+    assert g["chance"] == pytest.approx((0.25 + 0.25 + 0.5) / 3)
+    assert o["macro"] == 0.5
+    skipped = {s["id"]: s["error"] for s in summary["skipped_items"]}
+    assert set(skipped) == {"e", "f", "h"}
+    assert "broken.wav" in skipped["e"] and "start is at or beyond" in skipped["f"] and "missing.ogg" in skipped["h"]
+    assert json.loads((tmp_path / "results.json").read_text())["overall"]["accuracy"] == 3 / 5
+    assert (tmp_path / "accuracy.png").stat().st_size > 1000
+
+
+def test_loglik_picks_the_forced_option_and_matches_score(forced, tmp_path):
+    root, ckpt, bench, loaded = forced
+    with_forced = root / "with_forced.jsonl"
+    with_forced.write_text("".join(json.dumps(it) + "\n" for it, _ in _items() if FORCED in it["choices"]))
+    summary = evaluate.run(str(ckpt), str(with_forced), mode="loglik", out=str(tmp_path), batch_size=4,
+                           loaded=loaded, progress=False)
+    assert _statuses(tmp_path) == {it["id"]: s for it, s in _items() if FORCED in it["choices"]}
+    assert summary["overall"]["accuracy"] == 3 / 4
+    records = {r["id"]: r for r in map(json.loads, (tmp_path / "items.jsonl").read_text().splitlines())}
+    # each item's audio is encoded once and shared by its option rows: the totals must equal
+    # `jaxmusic score`, which lays every option out with its own copy of the audio. Checked on
+    # item g (a 1-chunk and a 3-chunk file, in a batch after other items: offsets to get right).
+    item = next(it for it, _ in _items() if it["id"] == "g")
+    request = inference.Request(mucue_prompt(item["question"], item["choices"]),
+                                tuple(str(root / a) for a in item["audio"]))
+    reference = [s.total for s in inference.score(loaded, request, item["choices"])]
+    np.testing.assert_allclose(records["g"]["scores"], reference, atol=1e-4)  # reached: 0 (same float32 math)
+    assert max(records["g"]["scores"]) > -1e-3  # the forced option is certain
+
+
+def test_resume_does_not_redo_items(forced, tmp_path, monkeypatch):
+    root, ckpt, bench, loaded = forced
+    seen = []
+    real = evaluate._generate
+
+    def spy(loaded_, items, mels, batch_size):
+        seen.extend(it.id for it in items)
+        return real(loaded_, items, mels, batch_size)
+
+    monkeypatch.setattr(evaluate, "_generate", spy)
+    run = dict(mode="generate", out=str(tmp_path), batch_size=4, loaded=loaded, progress=False)
+    evaluate.run(str(ckpt), str(bench), limit=3, **run)
+    assert seen == ["a", "b", "c"]
+    with open(tmp_path / "items.jsonl", "a") as f:
+        f.write('{"key": "4:torn')  # a run killed mid-write
+    seen.clear()
+    summary = evaluate.run(str(ckpt), str(bench), **run)
+    assert seen == ["d", "g"]  # e, f, h fail to decode and never reach the model
+    assert summary["overall"]["accuracy"] == 3 / 5
+    seen.clear()
+    evaluate.run(str(ckpt), str(bench), **run)
+    assert seen == []
+    with pytest.raises(UserError, match="another run"):
+        evaluate.run(str(ckpt), str(bench), **{**run, "mode": "loglik"})
+
+
+def test_main_cli(forced, tmp_path, capsys):
+    root, ckpt, bench, _ = forced
+    out = tmp_path / "cli"
+    assert evaluate.main([str(ckpt), "--benchmark", str(bench), "--out", str(out), "--limit", "4",
+                          "--batch-size", "4"]) == 0
+    printed = capsys.readouterr().out
+    assert "overall" in printed and "genre" in printed and "results.json" in printed
+    assert json.loads((out / "results.json").read_text())["overall"]["items"] == 4
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"audio": "x.wav", "question": "q", "choices": ["a"], "answer": 0}\n')
+    assert evaluate.main([str(ckpt), "--benchmark", str(bad), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "bad.jsonl:1" in err[0]
+
+
+def test_item_longer_than_the_largest_bucket_is_skipped(forced):
+    root, ckpt, bench, loaded = forced
+    short = dataclasses.replace(loaded, cfg=dataclasses.replace(loaded.cfg, length_buckets=(128,)))
+    item_b = evaluate.read_benchmark(bench)[1]  # 3 chunks = 90 audio tokens, plus the prompt
+    mels, error = evaluate._prepare(short, item_b, "generate")
+    assert mels is None and "exceed the largest length bucket 128" in error
+    assert evaluate._prepare(loaded, item_b, "generate")[1] is None
