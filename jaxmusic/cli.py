@@ -118,6 +118,7 @@ INTERMIXED = ("ask", "score")  # commands whose positional question may come aft
 # Commands whose module parses its own arguments: `jaxmusic CMD ...` runs `module.main(argv)`.
 DELEGATED = {
     "eval": ("jaxmusic.evaluate", "multiple-choice evaluation on a MuCUE-style benchmark file"),
+    "data": ("jaxmusic.data.check", "`data check MANIFEST ... --audio-root DIR`: validate a dataset"),
 }
 
 
@@ -157,7 +158,13 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] in DELEGATED:
         import importlib
 
-        return importlib.import_module(DELEGATED[argv[0]][0]).main(argv[1:])
+        rest = argv[1:]
+        if argv[0] == "data":  # the only data subcommand so far
+            if not rest or rest[0] != "check":
+                print("usage: jaxmusic data check MANIFEST [...] --audio-root DIR [options]", file=sys.stderr)
+                return 2
+            rest = rest[1:]
+        return importlib.import_module(DELEGATED[argv[0]][0]).main(rest)
     parser = build_parser()
     commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
     if argv and argv[0] in commands and argv[0] in INTERMIXED:
