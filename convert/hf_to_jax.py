@@ -1,0 +1,50 @@
+"""Hugging Face safetensors folder(s) -> jaxmusic checkpoint (Orbax), streamed.
+
+    python convert/hf_to_jax.py [--whisper HF_DIR] [--llm HF_DIR] --out CKPT [--dtype float32|bfloat16]
+    python convert/hf_to_jax.py --mufun HF_DIR --out CKPT [--mufun-config YAML] [--dtype ...]
+
+--whisper takes a WhisperForConditionalGeneration, WhisperModel or bare WhisperEncoder folder
+(only the encoder is kept); --llm a Qwen3ForCausalLM folder. Given both, the result is a new
+whole MuFun: the two backbones plus a freshly initialised connector (init and fusion layers
+from --mufun-config, default configs/mufun.yaml); given one, a backbone-only checkpoint.
+--mufun imports a released MuFun folder (model_type "tinyllava"). --dtype is the
+checkpoint's parameter dtype: float32 (default, the master weights training updates) or
+bfloat16. See `jaxmusic.checkpoint` and `jaxmusic.mufun_checkpoint` for the layouts.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable from a source checkout
+
+from jaxmusic.checkpoint import CKPT_DTYPES, ConversionError, import_hf, run_cli  # noqa: E402
+from jaxmusic.mufun_checkpoint import assemble, import_mufun  # noqa: E402
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--whisper", metavar="HF_DIR", help="Whisper model folder (encoder kept)")
+    parser.add_argument("--llm", metavar="HF_DIR", help="Qwen3ForCausalLM model folder")
+    parser.add_argument("--mufun", metavar="HF_DIR", help="released MuFun folder (model_type tinyllava)")
+    parser.add_argument("--mufun-config", metavar="YAML", help="MuFun glue settings (default configs/mufun.yaml)")
+    parser.add_argument("--out", metavar="CKPT", required=True, help="checkpoint folder to create")
+    parser.add_argument("--dtype", choices=CKPT_DTYPES, default="float32",
+                        help="checkpoint parameter dtype (default float32: training master weights)")
+    args = parser.parse_args(argv)
+
+    def convert():
+        if args.mufun and (args.whisper or args.llm):
+            raise ConversionError("--mufun imports a whole model; don't combine it with --whisper/--llm")
+        if args.mufun:
+            return import_mufun(args.out, args.mufun, mufun_config=args.mufun_config, dtype=args.dtype)
+        if args.whisper and args.llm:
+            return assemble(args.out, whisper=args.whisper, llm=args.llm, mufun_config=args.mufun_config,
+                            dtype=args.dtype)
+        return import_hf(args.out, whisper=args.whisper, llm=args.llm, dtype=args.dtype)
+
+    return run_cli(convert)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
