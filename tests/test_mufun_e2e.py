@@ -204,3 +204,48 @@ def test_cli_rejects_folder_that_is_neither_format(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "jaxmusic.cli", "ask", str(tmp_path), "q"],
                           capture_output=True, text=True)
     assert proc.returncode != 0 and "neither" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_assemble_from_backbones_initialises_the_connector(released, tmp_path):
+    root, _, (wcfg, encoder, qcfg, llm, connector, tokenizer), paths = released
+    whisper_dir, llm_dir = tmp_path / "whisper", tmp_path / "qwen3"
+    full = WhisperForConditionalGeneration(wcfg)
+    full.model.encoder.load_state_dict(encoder.state_dict())
+    full.save_pretrained(whisper_dir)
+    llm.save_pretrained(llm_dir)
+    tokenizer.save_pretrained(str(llm_dir))
+    ckpt = tmp_path / "assembled"
+    proc = subprocess.run([sys.executable, str(REPO / "convert" / "hf_to_jax.py"), "--whisper", str(whisper_dir),
+                           "--llm", str(llm_dir), "--mufun-config", str(root / "mufun.yaml"), "--out", str(ckpt)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    loaded = inference.load(ckpt)
+    conn = loaded.model.connector.params()
+    # the documented init: kernels N(0, 0.02), biases zero
+    for lin in ("linear1", "linear2"):
+        assert np.all(np.asarray(conn[lin]["bias"]) == 0)
+        assert abs(float(np.asarray(conn[lin]["kernel"]).std()) - 0.02) < 0.002
+    # the backbones are the sources' weights, bit for bit
+    q = np.asarray(loaded.model.llm.layers.self_attn.q_proj.kernel[...])
+    ref = llm.model.layers[1].self_attn.q_proj.weight.detach().numpy().T
+    assert np.array_equal(q[1], ref)
+    mel = inference._request_mels(loaded, inference.Request("q", (str(paths[1]),)))
+    assert len(mel) == 1
+
+
+def test_cli_batch_mode_matches_single_requests(released, tmp_path):
+    root, ckpt, _, paths = released
+    requests = tmp_path / "requests.jsonl"
+    requests.write_text("\n".join(json.dumps(r) for r in [
+        {"id": "a", "audio": str(paths[1]), "question": "Is it fast?"},
+        {"id": "b", "audio": [str(paths[0]), str(paths[1])], "question": QUESTION, "time": [[0, 20], None]},
+    ]) + "\n")
+    answers = tmp_path / "answers.jsonl"
+    proc = subprocess.run([sys.executable, "-m", "jaxmusic.cli", "ask", str(ckpt), "--batch", str(requests),
+                           "--out", str(answers), "--max-new-tokens", "6"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    got = [json.loads(line) for line in answers.read_text().splitlines()]
+    assert [g["id"] for g in got] == ["a", "b"]
+    loaded = inference.load(ckpt)
+    alone = inference.ask(loaded, [inference.Request("Is it fast?", (str(paths[1]),))], max_new_tokens=6)
+    assert got[0]["answer"] == alone[0]
