@@ -117,6 +117,7 @@ def _add_model_args(p):
 INTERMIXED = ("ask", "score")  # commands whose positional question may come after options
 # Commands whose module parses its own arguments: `jaxmusic CMD ...` runs `module.main(argv)`.
 DELEGATED = {
+    "train": ("jaxmusic.train", "train a stage or schedule (`train CONFIG --workdir DIR`); resumes from DIR"),
     "eval": ("jaxmusic.evaluate", "multiple-choice evaluation on a MuCUE-style benchmark file"),
     "data": ("jaxmusic.data.check", "`data check MANIFEST ... --audio-root DIR`: validate a dataset"),
 }

@@ -20,6 +20,7 @@ Conventions every model in `jaxmusic.models` follows:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Any, Callable
 
@@ -146,6 +147,25 @@ def stack_layers(n_layers: int, make: Callable[[nnx.Rngs], nnx.Module], rngs: nn
     return build(rngs)
 
 
+# The sharding `scan_layers` pins its carry to while a `constrain_layer_carry` block is traced.
+_LAYER_CARRY_SHARDING: list = [None]
+
+
+@contextlib.contextmanager
+def constrain_layer_carry(sharding):
+    """Functions traced inside this block pin the layer carry (the residual stream) to `sharding`.
+
+    The trainer passes the batch sharding: left alone, XLA's sharding propagation may follow
+    the FSDP-sharded weights, split activations along the model width and all-reduce whole
+    activations; pinned to the batch sharding, it all-gathers the weights instead (ZeRO-3).
+    """
+    previous, _LAYER_CARRY_SHARDING[0] = _LAYER_CARRY_SHARDING[0], sharding
+    try:
+        yield
+    finally:
+        _LAYER_CARRY_SHARDING[0] = previous
+
+
 def scan_layers(layers: nnx.Module, body: Callable, carry, xs=None, *, remat: str = "none"):
     """Run `body(block, carry, x) -> (carry, y)` over the stacked `layers`.
 
@@ -154,10 +174,14 @@ def scan_layers(layers: nnx.Module, body: Callable, carry, xs=None, *, remat: st
     per-layer KV cache.
     """
     graphdef, state = nnx.split(layers)
+    sharding = _LAYER_CARRY_SHARDING[0]
+    pin = ((lambda c: c) if sharding is None
+           else (lambda c: jax.tree.map(lambda a: jax.lax.with_sharding_constraint(a, sharding), c)))
 
     def step(c, inputs):
         layer_state, x = inputs
-        return body(nnx.merge(graphdef, layer_state), c, x)
+        c, y = body(nnx.merge(graphdef, layer_state), pin(c), x)
+        return pin(c), y
 
     policy = REMAT_POLICIES[remat]
     if remat != "none":

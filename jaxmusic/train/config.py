@@ -1,0 +1,308 @@
+"""Stage and schedule configuration: YAML files, dotted overrides, validation.
+
+A *stage* file describes one training run (see `configs/stages/*.yaml` for documented
+examples). A *schedule* file lists stages run in order, each starting from the
+previous stage's result:
+
+    stages:
+      - name: p1                          # sub-folder of the workdir
+        config: ../stages/p1_alignment.yaml   # relative to the schedule file
+        overrides: {steps: 100}           # optional, same syntax as the command line
+
+Command-line overrides `a.b.c=VALUE` (VALUE parsed as YAML) apply to every stage;
+`stages.NAME.a.b=VALUE` to one stage only. Unknown keys are errors that name the key.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from jaxmusic.errors import UserError
+
+
+class ConfigError(UserError, ValueError):
+    """A configuration file or override that cannot be used."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSection:
+    whisper: dict | None = None      # HF WhisperConfig fields; None: from the init checkpoint
+    llm: dict | None = None          # HF Qwen3Config fields; None: from the init checkpoint
+    mufun: dict = dataclasses.field(default_factory=dict)  # MuFunConfig fields (defaults: configs/mufun.yaml)
+    param_dtype: str = "float32"     # master weights and optimizer state
+    dtype: str = "bfloat16"          # compute
+    remat: str = "dots"              # jaxmusic.nn.REMAT_POLICIES
+    attention: str = "auto"
+
+
+@dataclasses.dataclass(frozen=True)
+class InitSection:
+    # random: fresh weights (seed) | checkpoint: a jaxmusic checkpoint from convert/hf_to_jax.py
+    # (parts it lacks, e.g. the connector, start random) | stage: the newest checkpoint of a
+    # stage folder | previous: the previous stage of the schedule
+    source: str = "random"
+    path: str | None = None
+    seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSection:
+    source: str = "manifests"        # manifests (jaxmusic.data) | synthetic (tests, demos, benchmarks)
+    template: str = "qwen2_instruct"
+    mixture: list = dataclasses.field(default_factory=list)  # [{manifest: PATH, weight: W}, ...]
+    audio_root: str | None = None
+    tokenizer: str | None = None     # default: the init checkpoint's tokenizer/llm
+    seq_len: int = 1024              # tokens per row after splicing (fixed: one compilation)
+    max_audio_seconds: float = 30.0  # longer clips are cut to this many seconds
+    chunks_per_row: int = 1          # 30 s chunk slots per row (fixed shape; jaxmusic.data's max_chunks)
+    features: str = "log_mel"        # log_mel (host) | waveform (log-mel computed on the device)
+    packing: bool = False            # several samples per row, kept apart by segment masks
+    seed: int = 0
+    workers: int = 4                 # decoding processes per training process
+    strict: bool = False             # stop at the first bad sample instead of skipping it
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchSection:
+    global_batch: int = 8            # rows per optimizer step, all devices together
+    microbatch: int | None = None    # rows per forward/backward pass; accumulation = global / micro
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerSection:
+    lr: float = 2e-5
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    clip_norm: float | None = 1.0
+    schedule: str = "cosine"         # cosine | linear | constant (after warmup)
+    warmup_ratio: float = 0.03       # of the stage's steps, rounded up (as transformers' Trainer)
+    warmup_steps: int | None = None  # overrides warmup_ratio
+    end_lr_ratio: float = 0.0        # final lr / peak lr
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointSection:
+    every_steps: int | None = 500
+    every_minutes: float | None = None
+    keep_last: int = 2
+    keep_every: int | None = None    # also keep every M-th step forever
+    async_save: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshSection:
+    data: int = 1
+    fsdp: int = -1
+    tensor: int = 1
+
+    def shape(self) -> dict[str, int]:
+        return {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}
+
+
+@dataclasses.dataclass(frozen=True)
+class LogSection:
+    every_steps: int = 1             # console / JSONL / TensorBoard cadence
+    tensorboard: bool = True
+    progress: bool = True
+    peak_tflops: float | None = None  # per device; default: known GPUs (see metrics.peak_flops)
+
+
+@dataclasses.dataclass(frozen=True)
+class StageConfig:
+    name: str = "stage"
+    model: ModelSection = ModelSection()
+    init: InitSection = InitSection()
+    trainable: list = dataclasses.field(default_factory=lambda: [".*"])  # regexes over "part/path/to/param"
+    data: DataSection = DataSection()
+    batch: BatchSection = BatchSection()
+    optimizer: OptimizerSection = OptimizerSection()
+    loss: str = "cross_entropy"      # key of jaxmusic.train.step.LOSSES
+    steps: int | None = None         # optimizer steps; or set epochs
+    epochs: float | None = None      # needs a data source with a known length
+    checkpoint: CheckpointSection = CheckpointSection()
+    mesh: MeshSection = MeshSection()
+    nan_policy: str = "stop"         # stop | skip (a non-finite step leaves params untouched)
+    log: LogSection = LogSection()
+
+    @property
+    def accumulation(self) -> int:
+        return self.batch.global_batch // (self.batch.microbatch or self.batch.global_batch)
+
+    def validate(self) -> "StageConfig":
+        b = self.batch
+        micro = b.microbatch or b.global_batch
+        if b.global_batch < 1 or micro < 1 or b.global_batch % micro:
+            raise ConfigError(f"batch.global_batch {b.global_batch} must be a positive multiple of "
+                              f"batch.microbatch {micro}")
+        if (self.steps is None) == (self.epochs is None):
+            raise ConfigError("set exactly one of steps and epochs")
+        if self.steps is not None and self.steps < 1:
+            raise ConfigError(f"steps must be >= 1, got {self.steps}")
+        choices = {"init.source": (self.init.source, ("random", "checkpoint", "stage", "previous")),
+                   "data.source": (self.data.source, ("manifests", "synthetic")),
+                   "data.features": (self.data.features, ("log_mel", "waveform")),
+                   "optimizer.schedule": (self.optimizer.schedule, ("cosine", "linear", "constant")),
+                   "nan_policy": (self.nan_policy, ("stop", "skip"))}
+        for key, (value, allowed) in choices.items():
+            if value not in allowed:
+                raise ConfigError(f"{key}: {value!r} is not one of {allowed}")
+        if self.init.source in ("checkpoint", "stage") and not self.init.path:
+            raise ConfigError(f"init.source {self.init.source} needs init.path")
+        if not self.trainable or not all(isinstance(r, str) for r in self.trainable):
+            raise ConfigError("trainable must be a non-empty list of regexes")
+        c = self.checkpoint
+        if c.keep_last < 1:
+            raise ConfigError("checkpoint.keep_last must be >= 1")
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _build(cls, d: Any, where: str):
+    """Dataclass `cls` from a dict, recursing into dataclass-typed fields; unknown keys are errors."""
+    if not isinstance(d, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {type(d).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - set(fields))
+    if unknown:
+        prefix = f"{where}." if where else ""
+        raise ConfigError(f"unknown config key(s) {[prefix + k for k in unknown]}; "
+                          f"{where or 'the top level'} has {sorted(fields)}")
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for name, value in d.items():
+        sub = hints[name]
+        key = f"{where}.{name}" if where else name
+        kwargs[name] = _build(sub, value, key) if dataclasses.is_dataclass(sub) else _check_type(sub, value, key)
+    try:
+        return cls(**kwargs)
+    except TypeError as e:
+        raise ConfigError(f"{where or 'config'}: {e}") from None
+
+
+def _check_type(hint, value, key: str):
+    """`value` if it fits the field's annotation (int also fits float); else a ConfigError."""
+    allowed = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    allowed = tuple(typing.get_origin(a) or a for a in allowed)
+    if value is None and type(None) in allowed:
+        return value
+    if float in allowed and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if float in allowed and isinstance(value, str):
+        try:  # YAML 1.1 reads "2e-5" (no dot) as a string
+            return float(value)
+        except ValueError:
+            pass
+    if isinstance(value, allowed) and not (isinstance(value, bool) and bool not in allowed):
+        return value
+    names = " or ".join("null" if a is type(None) else a.__name__ for a in allowed)
+    raise ConfigError(f"{key}: expected {names}, got {value!r}")
+
+
+def stage_from_dict(d: dict) -> StageConfig:
+    return _build(StageConfig, d, "").validate()
+
+
+# ------------------------------------------------------------------------------ overrides
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`a.b.c=VALUE` -> (["a", "b", "c"], VALUE parsed as YAML)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {text!r}: expected KEY.PATH=VALUE")
+    try:
+        parsed = yaml.safe_load(value) if value else None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({e})") from None
+    return key.split("."), parsed
+
+
+def apply_override(d: dict, path: list[str], value: Any) -> None:
+    node = d
+    for i, key in enumerate(path[:-1]):
+        child = node.get(key)
+        if child is None:
+            child = node[key] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {'.'.join(path)}: {'.'.join(path[:i + 1])} is not a mapping")
+        node = child
+    node[path[-1]] = value
+
+
+def load_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise ConfigError(f"config not found: {path}")
+    try:
+        d = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e})") from None
+    if not isinstance(d, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return d
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+    stages: tuple[StageConfig, ...]
+    source: str  # the file it came from
+
+
+def load(path: str | Path, overrides: list[str] = ()) -> Schedule:
+    """A stage or schedule file (with overrides) -> the stages to run, validated."""
+    path = Path(path)
+    raw = load_yaml(path)
+    parsed = [parse_override(o) for o in overrides]
+    if "stages" in raw:
+        entries = raw["stages"]
+        extra = sorted(set(raw) - {"stages"})
+        if extra or not isinstance(entries, list) or not entries:
+            raise ConfigError(f"{path}: a schedule has one key, 'stages', a non-empty list"
+                              + (f" (found also {extra})" if extra else ""))
+    else:
+        entries = [{"name": raw.get("name", path.stem), "inline": raw}]
+    names = [e.get("name") if isinstance(e, dict) else None for e in entries]
+    for keys, _ in parsed:
+        if keys[0] == "stages" and (len(keys) < 3 or keys[1] not in names):
+            raise ConfigError(f"override {'.'.join(keys)}: expected stages.NAME.KEY with NAME in {names}")
+    stages = []
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict) or not entry.get("name") or not ("config" in entry or "inline" in entry):
+            raise ConfigError(f"{path}: stage {i} needs a name and a config file")
+        unknown = sorted(set(entry) - {"name", "config", "overrides", "inline"})
+        if unknown:
+            raise ConfigError(f"{path}: stage {entry['name']!r} has unknown keys {unknown}")
+        d = copy.deepcopy(entry["inline"]) if "inline" in entry else load_yaml(path.parent / entry["config"])
+        for keys, value in _flatten_overrides(entry.get("overrides") or {}):
+            apply_override(d, keys, value)
+        for keys, value in parsed:
+            if keys[0] != "stages":
+                apply_override(d, keys, value)
+            elif keys[1] == entry["name"]:
+                apply_override(d, keys[2:], value)
+        d["name"] = entry["name"]
+        if i == 0 and d.get("init", {}).get("source") == "previous":
+            raise ConfigError(f"{path}: the first stage {entry['name']!r} cannot start from 'previous'")
+        stages.append(stage_from_dict(d))
+    if len({s.name for s in stages}) != len(stages):
+        raise ConfigError(f"{path}: stage names must be unique, got {[s.name for s in stages]}")
+    return Schedule(tuple(stages), str(path))
+
+
+def _flatten_overrides(d: dict, prefix: tuple = ()):
+    """`{a: {b: 1}}` -> `[(["a", "b"], 1)]`: a schedule's overrides change single keys."""
+    for key, value in d.items():
+        keys = prefix + (key,)
+        if isinstance(value, dict) and value:
+            yield from _flatten_overrides(value, keys)
+        else:
+            yield list(keys), value

@@ -1,0 +1,132 @@
+"""The model a stage trains: its architecture, and its parameters created or loaded sharded.
+
+Parameters are always born on their target shardings: random ones inside a `jax.jit`
+with `out_shardings`, stored ones restored by Orbax straight onto the devices (each
+device reads its own shard). Nothing is materialised whole on one device or host.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+
+import jax
+from flax import nnx
+
+from jaxmusic import checkpoint as ckpt_lib
+from jaxmusic.model import Connector, MuFun
+from jaxmusic.models.qwen3 import Qwen3Config, Qwen3ForCausalLM
+from jaxmusic.models.whisper import WhisperEncoder, WhisperEncoderConfig
+from jaxmusic.mufun import MuFunConfig
+from jaxmusic.nn import ModelOptions
+from jaxmusic.train.config import ConfigError, StageConfig
+
+log = logging.getLogger(__name__)
+
+PARTS = ("whisper", "connector", "llm")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    whisper: WhisperEncoderConfig
+    llm: Qwen3Config
+    mufun: MuFunConfig
+    opts: ModelOptions
+
+    @classmethod
+    def from_stage(cls, stage: StageConfig) -> "ModelSpec":
+        m = stage.model
+        if m.whisper is None or m.llm is None:
+            raise ConfigError(f"stage {stage.name}: model.whisper and model.llm must be given "
+                              "(or come from an init checkpoint)")
+        try:
+            return cls(WhisperEncoderConfig.from_hf(m.whisper), Qwen3Config.from_hf(m.llm),
+                       MuFunConfig.from_dict(m.mufun),
+                       ModelOptions.from_names(m.param_dtype, m.dtype, remat=m.remat, attention=m.attention))
+        except (ValueError, KeyError, TypeError) as e:
+            raise ConfigError(f"stage {stage.name}: bad model config: {e}") from None
+
+    def build(self, rngs: nnx.Rngs) -> MuFun:
+        return MuFun(self.whisper, self.llm, self.mufun, self.opts, rngs)
+
+    def build_part(self, part: str, rngs: nnx.Rngs) -> nnx.Module:
+        if part == "whisper":
+            return WhisperEncoder(self.whisper, self.opts, rngs)
+        if part == "connector":
+            return Connector(self.mufun, self.whisper.d_model, self.llm.hidden_size, self.opts, rngs)
+        return Qwen3ForCausalLM(self.llm, self.opts, rngs)
+
+    def abstract(self) -> tuple[nnx.GraphDef, nnx.State]:
+        """Graph definition and abstract state (shapes, dtypes, logical axes); no memory used."""
+        return nnx.split(nnx.eval_shape(lambda: self.build(nnx.Rngs(0))))
+
+    @property
+    def tokens_per_chunk(self) -> int:
+        return self.mufun.tokens_per_chunk(self.whisper.max_source_positions)
+
+
+def random_parts(spec: ModelSpec, parts: tuple[str, ...], seed: int, shardings: dict) -> dict:
+    """Fresh parameters `{part: ...}` of `parts`, created directly on `shardings[part]`."""
+    def make():
+        # Each part has its own stream, so a part's values do not depend on which others are random.
+        keys = {p: jax.random.fold_in(jax.random.key(seed), PARTS.index(p)) for p in parts}
+        return {p: nnx.to_pure_dict(nnx.state(spec.build_part(p, nnx.Rngs(keys[p])))) for p in parts}
+
+    return jax.jit(make, out_shardings={p: shardings[p] for p in parts})()
+
+
+def init_params(spec: ModelSpec, stage: StageConfig, shardings: dict, abstract: dict, *,
+                restore_stage=None) -> dict:
+    """A stage's initial parameters (pure dict `{part: ...}`) on `shardings`.
+
+    `restore_stage(path, abstract_with_shardings) -> params` restores a stage checkpoint
+    (passed in by the trainer to keep this module free of checkpoint-manager details).
+    """
+    init = stage.init
+    if init.source == "random":
+        return random_parts(spec, PARTS, init.seed, shardings)
+    if init.source in ("stage", "previous"):
+        return restore_stage(Path(init.path), with_shardings(abstract, shardings))
+    stored = ckpt_lib.read_meta(init.path)["parts"]
+    missing = tuple(p for p in PARTS if p not in stored)
+    if missing:
+        log.warning("init: %s has no %s; starting those from random weights (seed %d)",
+                    init.path, " or ".join(missing), init.seed)
+    params = random_parts(spec, missing, init.seed, shardings) if missing else {}
+    for part in PARTS:
+        if part in stored:
+            params[part] = ckpt_lib.load_params(init.path, part, abstract[part], shardings[part])
+    return params
+
+
+def with_shardings(abstract: dict, shardings: dict) -> dict:
+    """ShapeDtypeStructs carrying their target shardings (Orbax restores onto them)."""
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+
+
+def resolve_model(stage: StageConfig, previous_config: dict | None) -> StageConfig:
+    """Fill `model.whisper/llm` and `data.tokenizer` from the init source when not given.
+
+    From a converted checkpoint: its stored HF configs and `tokenizer/llm`. From a previous
+    stage: that stage's resolved configuration.
+    """
+    model, data = stage.model, stage.data
+    if stage.init.source == "checkpoint":
+        meta = ckpt_lib.read_meta(stage.init.path)
+        parts = meta["parts"]
+        given = {"whisper": model.whisper, "llm": model.llm}
+        for part, cfg in given.items():
+            if cfg is None and part in parts:
+                given[part] = parts[part]["hf_config"]
+        model = dataclasses.replace(model, **given)
+        tok = Path(stage.init.path) / parts.get("llm", {}).get("tokenizer", "tokenizer/llm")
+        if data.tokenizer is None and tok.is_dir():
+            data = dataclasses.replace(data, tokenizer=str(tok))
+    elif stage.init.source in ("stage", "previous") and previous_config is not None:
+        prev_model = previous_config["model"]
+        model = dataclasses.replace(model, whisper=model.whisper or prev_model["whisper"],
+                                    llm=model.llm or prev_model["llm"])
+        if data.tokenizer is None:
+            data = dataclasses.replace(data, tokenizer=previous_config["data"].get("tokenizer"))
+    return dataclasses.replace(stage, model=model, data=data)

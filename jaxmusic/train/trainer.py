@@ -1,0 +1,370 @@
+"""`jaxmusic train CONFIG --workdir DIR [key=value ...]`: run a stage or a schedule.
+
+Workdir layout: one folder per stage, `DIR/STAGE/` with `checkpoints/STEP/`,
+`config.yaml` (resolved), `metrics.jsonl`, `tensorboard/`, `data_report.json` (manifest
+data) and, once the stage has finished, `DONE`. Rerunning the same command resumes:
+finished stages are skipped and the current one continues from its newest complete
+checkpoint, data order included. A resumed run logs again the steps it repeats.
+
+Exit codes: 0 done; 2 configuration/user error; 3 stopped on a non-finite loss or
+gradient (`nan_policy: stop`; the newest checkpoint is intact); 75 preempted (SIGTERM):
+a checkpoint of the current step was written, rerun the same command to resume.
+
+Multi-process runs call `jax.distributed.initialize()` before `run`; everything here
+already works on global arrays (`jax.process_index/count` only decide who writes logs
+and which rows each process loads).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+
+import jax
+import optax
+import yaml
+from flax import nnx
+from tqdm import tqdm
+
+from jaxmusic import distributed, sharding
+from jaxmusic.checkpoint import ConversionError
+from jaxmusic.errors import UserError
+from jaxmusic.nn import constrain_layer_carry
+from jaxmusic.train import config as config_lib
+from jaxmusic.train import metrics as metrics_lib
+from jaxmusic.train import optim
+from jaxmusic.train.batches import make_source, next_batch, restore_data_state, total_steps
+from jaxmusic.train.checkpoints import Checkpoints, Preemption
+from jaxmusic.train.config import ConfigError, StageConfig
+from jaxmusic.train.state import ModelSpec, init_params, resolve_model, with_shardings
+from jaxmusic.train.step import LOSSES, make_train_step
+
+log = logging.getLogger(__name__)
+
+EXIT_OK, EXIT_USER_ERROR, EXIT_DIVERGED, EXIT_PREEMPTED = 0, 2, 3, 75
+CHUNK_SECONDS = 30.0
+DONE_FILE = "DONE"
+
+
+class Diverged(RuntimeError):
+    """A non-finite loss or gradient norm under `nan_policy: stop`."""
+
+
+def _primary() -> bool:
+    return jax.process_index() == 0
+
+
+def _say(text: str) -> None:
+    if _primary():
+        tqdm.write(text, file=sys.stderr)
+
+
+# ---------------------------------------------------------------------------- set-up
+
+@dataclasses.dataclass
+class Setup:
+    """Everything a stage's loop needs besides the state itself."""
+
+    stage: StageConfig  # resolved: model configs filled in, steps counted
+    spec: ModelSpec
+    mesh: jax.sharding.Mesh
+    graphdef: nnx.GraphDef
+    abstract: dict          # ShapeDtypeStructs of the params
+    param_shardings: dict
+    trainable: frozenset
+    tx: optax.GradientTransformation
+    schedule: optax.Schedule
+    abstract_opt: object
+    opt_shardings: object
+
+    @property
+    def micro_rows(self) -> int:
+        return self.stage.batch.microbatch or self.stage.batch.global_batch
+
+    def init_state(self):
+        """Fresh `(params, opt_state)`, both born sharded."""
+        params = init_params(self.spec, self.stage, self.param_shardings, self.abstract,
+                             restore_stage=_restore_stage_params)
+        opt_state = jax.jit(self.tx.init, out_shardings=self.opt_shardings)(optim.split(params, self.trainable)[0])
+        return params, opt_state
+
+    def compile_step(self, params, opt_state, batch, loss_fn=None):
+        """The jitted train step, compiled for `batch`'s shapes; also returns compile seconds."""
+        step = make_train_step(
+            self.graphdef, self.trainable, self.tx, loss_fn or LOSSES[self.stage.loss],
+            param_shardings=self.param_shardings, opt_shardings=self.opt_shardings,
+            batch_shardings={k: sharding.batch_sharding(self.mesh, v.ndim) for k, v in batch.items()},
+            metric_sharding=sharding.replicated(self.mesh))
+        t0 = time.perf_counter()
+        with constrain_layer_carry(sharding.activation_sharding(self.mesh)):
+            lowered = step.lower(params, opt_state, batch)
+        return lowered.compile(), time.perf_counter() - t0
+
+    def step_flops(self, batch) -> float:
+        audio = batch["mel" if "mel" in batch else "wave"]
+        forward = metrics_lib.forward_flops(self.spec.whisper, self.spec.llm, self.spec.mufun,
+                                            chunk_rows=audio.shape[1], rows=self.micro_rows,
+                                            length=batch["input_ids"].shape[2])
+        return metrics_lib.step_flops(forward, {p[0] for p in self.trainable}, self.stage.accumulation)
+
+
+def setup(stage: StageConfig, previous: Path | None = None, *, devices=None,
+          devices_per_node: int | None = None) -> Setup:
+    """Resolve a stage against its init source and build the mesh, shardings and optimizer."""
+    if stage.init.source == "previous":
+        stage = dataclasses.replace(stage, init=dataclasses.replace(stage.init, path=str(previous)))
+    prev_config = (_previous_config(Path(stage.init.path))
+                   if stage.init.source in ("stage", "previous") else None)
+    stage = resolve_model(stage, prev_config)
+    stage = dataclasses.replace(stage, steps=total_steps(stage), epochs=None)
+    if stage.loss not in LOSSES:
+        raise ConfigError(f"loss {stage.loss!r} is not one of {sorted(LOSSES)}")
+    spec = ModelSpec.from_stage(stage)
+    mesh = sharding.make_mesh(stage.mesh.shape(), devices, devices_per_node=devices_per_node)
+    groups = sharding.data_parallel_size(mesh)
+    micro_rows = stage.batch.microbatch or stage.batch.global_batch
+    if micro_rows % groups:
+        raise ConfigError(f"batch.microbatch {micro_rows} must divide into the {groups} data-parallel "
+                          f"shards of mesh {dict(mesh.shape)}")
+
+    graphdef, abstract_state = spec.abstract()
+    abstract = nnx.to_pure_dict(abstract_state)
+    param_sh = sharding.state_shardings(abstract_state, mesh)
+    trainable = optim.trainable_paths(abstract_state, stage.trainable)
+    schedule = optim.learning_rate(stage.optimizer, stage.steps)
+    tx = optim.adamw(stage.optimizer, schedule)
+    abstract_opt = jax.eval_shape(tx.init, optim.split(abstract, trainable)[0])
+    # optimizer moments mirror their parameters' shardings; scalars (step counts) are replicated
+    opt_sh = optax.tree_map_params(tx, lambda _, s: s, abstract_opt, optim.split(param_sh, trainable)[0],
+                                   transform_non_params=lambda _: sharding.replicated(mesh))
+    return Setup(stage, spec, mesh, graphdef, abstract, param_sh, trainable, tx, schedule, abstract_opt, opt_sh)
+
+
+def _previous_config(path: Path) -> dict:
+    ckpts = Checkpoints(path / "checkpoints", read_only=True)
+    step = ckpts.latest_step()
+    if step is None:
+        raise ConfigError(f"init: {path} has no complete checkpoint")
+    config = ckpts.restore_config(step)
+    ckpts.close()
+    return config
+
+
+def _restore_stage_params(path: Path, abstract: dict) -> dict:
+    ckpts = Checkpoints(path / "checkpoints", read_only=True)
+    step = ckpts.latest_step()
+    if step is None:
+        raise ConfigError(f"init: {path} has no complete checkpoint")
+    params = ckpts.restore_params(step, abstract)
+    ckpts.close()
+    _say(f"  initialised from {path} step {step}")
+    return params
+
+
+# ---------------------------------------------------------------------------- a stage
+
+def run_stage(stage: StageConfig, stage_dir: Path, previous: Path | None = None, *,
+              devices=None, devices_per_node: int | None = None, on_step=None) -> int:
+    """Train one stage in `stage_dir`, resuming from its newest checkpoint. Returns an exit code.
+
+    `on_step(step)`, if given, is called after every finished step (e.g. a hang watchdog's beat).
+    """
+    preemption = Preemption()  # from the start: a notice during set-up stops after the first step
+    try:
+        return _run_stage(stage, stage_dir, previous, preemption, devices, devices_per_node, on_step)
+    finally:
+        preemption.close()
+
+
+def _run_stage(stage, stage_dir, previous, preemption, devices, devices_per_node, on_step) -> int:
+    s = setup(stage, previous, devices=devices, devices_per_node=devices_per_node)
+    stage = s.stage
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    resolved = stage.to_dict()
+    if _primary():
+        (stage_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+    source = make_source(stage, s.spec, s.mesh, s.micro_rows, stage_dir)
+    ckpts = Checkpoints(stage_dir / "checkpoints", stage.checkpoint)
+    flat = optim.flatten(s.abstract)
+    n_train = sum(math.prod(a.shape) for p, a in flat.items() if p in s.trainable)
+    _say(f"stage {stage.name}: {stage.steps} steps of {stage.batch.global_batch} rows "
+         f"({stage.accumulation} x {s.micro_rows}), mesh {dict(s.mesh.shape)}, "
+         f"trainable {n_train:,} of {sum(math.prod(a.shape) for a in flat.values()):,} parameters")
+
+    step, skipped = 0, 0
+    latest = ckpts.latest_step()
+    if latest is not None:
+        restored = ckpts.restore(latest, with_shardings(s.abstract, s.param_shardings),
+                                 with_shardings(s.abstract_opt, s.opt_shardings))
+        params, opt_state = restored["params"], restored["opt_state"]
+        restore_data_state(source, restored["data"])
+        step, skipped = latest, int(restored["meta"]["skipped"])
+        _say(f"  resumed from {stage_dir / 'checkpoints'} step {step}")
+    else:
+        params, opt_state = s.init_state()
+
+    writers = _Writers(stage_dir, stage) if _primary() else None
+    try:
+        code = _loop(s, ckpts, source, params, opt_state, step, skipped, resolved, preemption, writers,
+                     on_step)
+    except Diverged as e:
+        _say(f"error: {e}")
+        code = EXIT_DIVERGED
+    finally:
+        if writers:
+            writers.close()
+        ckpts.wait()
+        ckpts.close()
+        _close_quietly(source)
+    if code == EXIT_OK and _primary():
+        (stage_dir / DONE_FILE).write_text(f"{stage.steps}\n")
+    return code
+
+
+def _close_quietly(source) -> None:
+    """Stop the data workers; a failure here (e.g. workers already killed by the same
+    SIGTERM) must not hide the stage's outcome."""
+    try:
+        close = getattr(source, "close", None)
+        if close:
+            close()
+    except Exception as e:  # noqa: BLE001
+        log.warning("closing the data source failed: %s", e)
+
+
+class _Writers:
+    def __init__(self, stage_dir: Path, stage: StageConfig):
+        self.jsonl = metrics_lib.JsonlWriter(stage_dir / "metrics.jsonl")
+        self.tb = metrics_lib.TensorBoardWriter(stage_dir / "tensorboard") if stage.log.tensorboard else None
+
+    def write(self, record: dict) -> None:
+        self.jsonl.write(record)
+        if self.tb:
+            self.tb.scalars(record["step"], {f"train/{k}": v for k, v in record.items()
+                                             if k not in ("step", "time") and v is not None})
+
+    def close(self) -> None:
+        self.jsonl.close()
+        if self.tb:
+            self.tb.close()
+
+
+def audio_chunks(m: dict, spec: ModelSpec) -> float:
+    """30 s chunks holding audio in a step (from chunk masks, else from the spliced tokens)."""
+    if m["audio_chunks"] >= 0:
+        return float(m["audio_chunks"])
+    return float(m["audio_tokens"]) / spec.tokens_per_chunk
+
+
+def _loop(s: Setup, ckpts, source, params, opt_state, step, skipped, resolved, preemption, writers,
+          on_step) -> int:
+    stage, steps = s.stage, s.stage.steps
+    bar = tqdm(total=steps, initial=step, desc=stage.name, unit="step", dynamic_ncols=True,
+               disable=not (stage.log.progress and _primary()), file=sys.stderr)
+    if step >= steps:
+        bar.close()
+        return EXIT_OK
+    load = lambda done: next_batch(source, stage.accumulation, s.mesh, s.micro_rows, done,  # noqa: E731
+                                   stage.data.packing)
+    batch = load(step)
+    compiled, seconds = s.compile_step(params, opt_state, batch)
+    _say(f"  compiled the train step in {seconds:.1f} s")
+    flops = s.step_flops(batch)
+    peak = metrics_lib.peak_flops(s.mesh.devices.flat[0].device_kind, stage.log.peak_tflops)
+    last = time.perf_counter()
+    while step < steps:
+        lr = float(s.schedule(step - skipped))  # the rate this update uses
+        params, opt_state, metrics = compiled(params, opt_state, batch)
+        step += 1
+        data_state = source.get_state()  # positioned after this step's batches
+        # asked before loading more data: a preemption notice may have killed the data workers too
+        preempted = preemption.reached(step)
+        batch = load(step) if step < steps and not preempted else None  # overlaps the device's work
+        m = jax.device_get(metrics)
+        now = time.perf_counter()
+        elapsed, last = now - last, now
+        if not m["finite"]:
+            message = (f"non-finite loss {float(m['loss'])} / grad norm {float(m['grad_norm'])} at step {step}; "
+                       "parameters and optimizer state were not updated")
+            if stage.nan_policy == "stop":
+                raise Diverged(message + f"; the newest checkpoint (step {ckpts.latest_step()}) is intact. "
+                               "Set nan_policy=skip to skip such steps.")
+            skipped += 1
+            _say(f"warning: {message}; skipped ({skipped} so far)")
+        record = {"step": step, "loss": float(m["loss"]), "grad_norm": float(m["grad_norm"]), "lr": lr,
+                  "step_time": elapsed, "tokens_per_s": float(m["tokens"]) / elapsed,
+                  "audio_s_per_s": audio_chunks(m, s.spec) * CHUNK_SECONDS / elapsed,
+                  "loss_tokens": int(m["loss_tokens"]),
+                  "mfu": flops / (elapsed * s.mesh.size * peak) if peak else None,
+                  "skipped": skipped, "time": time.time()}
+        if writers and (step % stage.log.every_steps == 0 or step == steps):
+            writers.write(record)
+        bar.update()
+        bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}", refresh=False)
+        if on_step:
+            on_step(step)
+
+        meta = {"step": step, "skipped": skipped, "stage": stage.name,
+                "process_count": jax.process_count(), "mesh": dict(s.mesh.shape)}
+        ckpts.save(step, params, opt_state, data_state, meta, resolved, force=preempted or step == steps)
+        if preempted:
+            ckpts.wait()
+            bar.close()
+            _say(f"preempted: saved step {step} to {ckpts.manager.directory}; rerun the same command to resume")
+            return EXIT_PREEMPTED
+    bar.close()
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------------- command line
+
+def run(config: str | Path, workdir: str | Path, overrides: list[str] = (), *,
+        devices_per_node: int | None = None, on_step=None) -> int:
+    """Run every unfinished stage of `config` (a stage or a schedule) under `workdir`.
+
+    Multi-process: call `jax.distributed.initialize()` first; `devices_per_node` checks that
+    FSDP/tensor groups stay inside a node; `on_step(step)` runs after every step.
+    """
+    schedule = config_lib.load(config, list(overrides))
+    workdir = Path(workdir)
+    previous = None
+    for stage in schedule.stages:
+        stage_dir = workdir / stage.name
+        if (stage_dir / DONE_FILE).exists():
+            _say(f"stage {stage.name}: already done ({stage_dir / DONE_FILE})")
+        else:
+            code = run_stage(stage, stage_dir, previous, devices_per_node=devices_per_node, on_step=on_step)
+            if code != EXIT_OK:
+                return code
+        previous = stage_dir
+    return EXIT_OK
+
+
+def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    parser = parser or argparse.ArgumentParser(prog="jaxmusic train", description=__doc__.split("\n\n")[0])
+    parser.add_argument("config", help="a stage or schedule YAML (configs/stages, configs/schedules)")
+    parser.add_argument("--workdir", required=True, help="where checkpoints and logs go; resumes from it")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                        help="dotted config overrides, e.g. steps=10 mesh.fsdp=8 stages.p1.steps=5")
+    distributed.add_arguments(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `jaxmusic train`; returns the exit code (see the module docstring)."""
+    args = build_parser().parse_intermixed_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        layout = distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+        watchdog = distributed.StepWatchdog.from_env()
+        return run(args.config, args.workdir, args.overrides,
+                   devices_per_node=layout.devices_per_node() if layout else None,
+                   on_step=watchdog.beat if watchdog else None)
+    except (UserError, ConversionError, sharding.ShardingError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
