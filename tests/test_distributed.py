@@ -22,8 +22,7 @@ from jaxmusic.errors import UserError
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "stages" / "tiny.yaml"
 LOCAL = REPO / "launch" / "local.py"
-TRAIN = ["-c", "import sys; from jaxmusic import distributed; distributed.initialize(); "
-               "from jaxmusic.train import main; sys.exit(main(sys.argv[1:]))"]
+TRAIN = ["-m", "jaxmusic.cli", "train"]  # `jaxmusic train`: it initialises jax.distributed itself
 RUN = ["steps=6", "checkpoint.every_steps=2", "log.progress=false", "log.tensorboard=false"]
 MESH8 = ["mesh.fsdp=4", "mesh.tensor=2"]  # 2 processes: tensor pairs inside a process, fsdp across
 
