@@ -1,6 +1,6 @@
 """Greedy decode speed of jaxmusic vs transformers on a Qwen3-0.6B-shaped model, on CPU.
 
-    python bench/generate.py [--runs 5] [--prompt 128] [--new-tokens 64] [--layers 28]
+    python bench/generate.py [--runs 5] [--prompt 128] [--new-tokens 64] [--layers 28] [--torch-threads N]
 
 Builds transformers' `Qwen3ForCausalLM` with random weights (Qwen3-0.6B's shapes: hidden
 1024, 28 layers, 16/8 heads of 128, MLP 3072, vocab 151936, tied embeddings; float32),
@@ -19,8 +19,9 @@ Memory-bandwidth bound: a decode step has to read every weight once (all layers,
 final norm and the tied embedding as the LM head), so tokens/s <= copy bandwidth /
 weight bytes. Copy bandwidth is measured with a large NumPy copy (bytes read + written
 per second), between runs, and the best is kept: a bound for a quiet machine, so under
-load the fraction reached is an underestimate. Torch runs with as many threads as XLA:CPU uses (one per
-core). Both must produce the same greedy tokens; the script says whether they do.
+load the fraction reached is an underestimate. Torch runs with as many threads as XLA:CPU
+uses (one per core) unless `--torch-threads` says otherwise. Both must produce the same
+greedy tokens; the script says whether they do.
 """
 
 from __future__ import annotations

@@ -126,25 +126,32 @@ def apply_rope(x, cos, sin):
     return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
 
 
+def write_slots(cache, new, index):
+    """Write `new [B, T, K, H]` into a layer's cache `[B*K, S, H]` at slots `[index, index + T)`."""
+    b, t, k, h = new.shape
+    rows = new.swapaxes(1, 2).reshape(b * k, t, h)
+    return jax.lax.dynamic_update_slice_in_dim(cache, rows.astype(cache.dtype), index, 1)
+
+
 def one_query_attention(q, cache_k, cache_v, allowed):
-    """Attention of a single query per row, `q [B, 1, N, H]`, over a cache `[B, S, K, H]`.
+    """Attention of a single query per row, `q [B, 1, N, H]`, over a layer's cache `[B*K, S, H]`.
 
     `allowed` broadcasts to `[B, N, 1, S]`. The math of `jax.nn.dot_product_attention`'s
-    XLA path (float32 scores and softmax, probabilities rounded to the cache dtype), written
-    as multiply-and-reduce so that the cache is read where it lies: as a dot_general,
-    XLA:CPU first transposes every layer's cache to `[B, K, S, H]`, which cost ~8% of a
-    0.6B decode step, and ran 4x slower than this for the attention itself.
+    XLA path (float32 scores and softmax, probabilities in the cache dtype, query head
+    `k * G + g` on KV head k), as two batched matmuls over the B*K cache rows, which read
+    the cache where it lies.
     """
     b, _, n, h = q.shape
-    k = cache_k.shape[2]
+    rows, s, _ = cache_k.shape
+    g = n * b // rows
     f32 = jnp.float32
-    q = q.reshape(b, 1, k, n // k, h).astype(f32)
-    scores = jnp.sum(q * cache_k[:, :, :, None, :].astype(f32), axis=-1) * np.float32(1 / np.sqrt(h))
-    allowed = jnp.broadcast_to(allowed, (b, n, 1, cache_k.shape[1])).reshape(b, k, n // k, -1)
-    scores = jnp.where(allowed.transpose(0, 3, 1, 2), scores, -0.7 * jnp.finfo(f32).max)  # [B, S, K, G]
-    probs = jax.nn.softmax(scores, axis=1).astype(cache_v.dtype).astype(f32)
-    out = jnp.sum(probs[..., None] * cache_v[:, :, :, None, :].astype(f32), axis=1)  # [B, K, G, H]
-    return out.reshape(b, 1, n, h).astype(cache_v.dtype)
+    q = q.reshape(rows, g, h)
+    scores = jnp.einsum("rgh,rsh->rgs", q, cache_k.astype(q.dtype), preferred_element_type=f32)
+    scores = scores * jnp.array(1 / np.sqrt(h), f32)
+    allowed = jnp.broadcast_to(allowed, (b, n, 1, s)).reshape(rows, g, s)
+    scores = jnp.where(allowed, scores, -0.7 * jnp.finfo(f32).max)
+    probs = jax.nn.softmax(scores, axis=-1).astype(cache_v.dtype)
+    return jnp.einsum("rgs,rsh->rgh", probs, cache_v).reshape(b, 1, n, h)
 
 
 class Qwen3Attention(nnx.Module):
@@ -172,13 +179,13 @@ class Qwen3Attention(nnx.Module):
         if kv is None:
             out = attention(q, key, value, opts=self.opts, mask=allowed, is_causal=True)
         else:
-            cache_k, cache_v = kv
-            cache_k = jax.lax.dynamic_update_slice_in_dim(cache_k, key.astype(cache_k.dtype), cache_index, 1)
-            cache_v = jax.lax.dynamic_update_slice_in_dim(cache_v, value.astype(cache_v.dtype), cache_index, 1)
+            cache_k, cache_v = write_slots(kv[0], key, cache_index), write_slots(kv[1], value, cache_index)
             kv = (cache_k, cache_v)
             if t == 1 and self.opts.attention != "cudnn":
                 out = one_query_attention(q, cache_k, cache_v, allowed)
                 return self.o_proj(out.reshape(b, t, n * h)), kv
+            # [B*K, S, H] -> [B, S, K, H] (a copy; fine for multi-token prefill chunks)
+            cache_k, cache_v = (c.reshape(b, k, -1, h).swapaxes(1, 2) for c in kv)
             # A cached step has an arbitrary [B, 1, T, S] mask and T != S, a shape cuDNN's
             # fused kernel does not reliably take; XLA handles any shape ("cudnn" if forced).
             opts = self.opts if self.opts.attention != "auto" else dataclasses.replace(self.opts, attention="xla")
@@ -233,9 +240,15 @@ class Qwen3ForCausalLM(nnx.Module):
         return jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(self.opts.dtype)
 
     def init_cache(self, batch: int, max_len: int, dtype=None) -> dict:
-        """Empty KV cache: `k`, `v` `[L, B, S, K, H]` and per-slot `valid` `[B, S]` (all False)."""
+        """Empty KV cache: `k`, `v` `[L, B*K, S, H]` and per-slot `valid` `[B, S]` (all False).
+
+        Row `b*K + k` of a layer holds batch row b's KV head k over the S slots. Head-major
+        rows, so that decoding one token is two plain batched matmuls over the rows: with
+        `[B, S, K, H]` XLA:CPU transposed every layer's cache each step, and with a 4-d
+        `[B, K, S, H]` (B = 1 reshaped away) it copied the cache instead of updating it in place.
+        """
         c = self.cfg
-        shape = (c.num_hidden_layers, batch, max_len, c.num_key_value_heads, c.head_dim)
+        shape = (c.num_hidden_layers, batch * c.num_key_value_heads, max_len, c.head_dim)
         dtype = dtype or self.opts.dtype
         return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
                 "valid": jnp.zeros((batch, max_len), bool)}
