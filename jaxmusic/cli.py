@@ -117,6 +117,7 @@ def _add_model_args(p):
 INTERMIXED = ("ask", "score")  # commands whose positional question may come after options
 # Commands whose module parses its own arguments: `jaxmusic CMD ...` runs `module.main(argv)`.
 DELEGATED = {
+    "demo": ("jaxmusic.demo", "train a tiny MuFun on synthetic music and show it learned (~10 min, CPU)"),
     "train": ("jaxmusic.train", "train a stage or schedule (`train CONFIG --workdir DIR`); resumes from DIR"),
     "eval": ("jaxmusic.evaluate", "multiple-choice evaluation on a MuCUE-style benchmark file"),
     "data": ("jaxmusic.data.check", "`data check MANIFEST ... --audio-root DIR`: validate a dataset"),
@@ -155,6 +156,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():  # grain's data worker processes read absl flags
+        flags.FLAGS.mark_as_parsed()
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] in DELEGATED:
         import importlib

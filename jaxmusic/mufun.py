@@ -80,6 +80,10 @@ class MuFunConfig:
             raise ValueError(f"{path}: expected a mapping of MuFun settings")
         return cls.from_dict(d)
 
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready settings (as stored in a checkpoint's `jaxmusic.json`)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in vars(self).items()}
+
     def check_encoder_depth(self, n_layers: int) -> None:
         """Fusion indices address hidden states 0..n_layers (0 = embeddings, n_layers = final LN)."""
         _check_layers(self.fusion_layers, n_layers)

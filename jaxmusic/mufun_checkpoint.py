@@ -65,7 +65,7 @@ def connector_leaves(cfg: mufun.MuFunConfig, d_enc: int, d_llm: int) -> list[ck.
     return [ck.Leaf("connector", spec, shapes[spec.path], 0) for spec in mufun.connector_hf_tensors()]
 
 
-def _connector_config(cfg: mufun.MuFunConfig, d_enc: int, d_llm: int) -> dict:
+def connector_config(cfg: mufun.MuFunConfig, d_enc: int, d_llm: int) -> dict:
     d_in, d_hidden, d_out = cfg.connector_dims(d_enc, d_llm)
     return {"connector_type": f"blp_{len(cfg.fusion_layers)}i_{cfg.connector_hidden_multiple}x",
             "input_size": d_in, "hidden_size": d_hidden, "output_size": d_out}
@@ -78,7 +78,7 @@ def _source(part: str, folder: Path, hf_config: dict, view, leaves) -> ck._Sourc
 def _finish_meta(tmp: Path, cfg: mufun.MuFunConfig, released_config: dict | None) -> None:
     """Add the glue settings; keep one tokenizer (the LLM's) for the whole model."""
     meta = json.loads((tmp / ck.META_FILE).read_text())
-    meta["mufun"] = {k: list(v) if isinstance(v, tuple) else v for k, v in vars(cfg).items()}
+    meta["mufun"] = cfg.to_dict()
     if released_config is not None:
         meta["released_config"] = released_config
     for part in ("whisper", "connector"):
@@ -192,7 +192,7 @@ def import_mufun(out, folder, *, mufun_config: str | None = None, dtype: str = "
         d_enc, d_llm = wconf["d_model"], lconf["hidden_size"]
         cfg.check_encoder_depth(wconf["encoder_layers"])
         view = _PrefixView(weights, "", lambda k: k.startswith("connector."))
-        sources.append(_source("connector", folder, _connector_config(cfg, d_enc, d_llm), view,
+        sources.append(_source("connector", folder, connector_config(cfg, d_enc, d_llm), view,
                                connector_leaves(cfg, d_enc, d_llm)))
         stray = sorted(k for k in tensors if not k.startswith(("vision_tower.", "language_model.", "connector.")))
         if stray:
@@ -242,7 +242,7 @@ def assemble(out, *, whisper, llm, mufun_config: str | None = None, dtype: str =
             scratch = Path(scratch)
             _fresh_connector(scratch, cfg, d_enc, d_llm, seed)
             conn = HFWeights(scratch)
-            sources.append(_source("connector", scratch, _connector_config(cfg, d_enc, d_llm), conn,
+            sources.append(_source("connector", scratch, connector_config(cfg, d_enc, d_llm), conn,
                                    connector_leaves(cfg, d_enc, d_llm)))
             return _write(Path(out), sources, dtype, cfg, None)
     finally:

@@ -149,12 +149,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from absl import flags
-
     from jaxmusic.errors import UserError
 
-    if not flags.FLAGS.is_parsed():  # grain's worker processes read absl flags
-        flags.FLAGS.mark_as_parsed()
     args = build_parser().parse_args(argv)
     try:
         return run(args)

@@ -51,7 +51,7 @@ import grain
 import numpy as np
 
 from jaxmusic.errors import UserError
-from jaxmusic.data.examples import ExampleBuilder, ExampleSpec, is_skip
+from jaxmusic.data.examples import TOKENS_PER_CHUNK, ExampleBuilder, ExampleSpec, is_skip
 from jaxmusic.data.manifest import BAD_DATA, ManifestError, ManifestSource
 from jaxmusic.data.packing import BatchShape, Rows, assemble_batch, fill_rows
 
@@ -78,6 +78,7 @@ class DataConfig:
     max_chunks: int = 13                      # audio chunks per row
     features: str = "waveform"                # "waveform" (log-mel on the device) | "log_mel" (host)
     max_audio_seconds: float | None = None    # keep only the first this many seconds of a file
+    tokens_per_chunk: int = TOKENS_PER_CHUNK  # the model's audio tokens per 30 s chunk (after pooling)
     packing: bool = False
     pack_lookahead: int = 8                   # examples that may wait for a later batch
     seed: int = 0
@@ -112,10 +113,11 @@ class DataConfig:
     def example_spec(self) -> ExampleSpec:
         return ExampleSpec(audio_root=self.audio_root, template=self.template, seq_len=self.seq_len,
                            max_chunks=self.max_chunks, features=self.features,
-                           max_audio_seconds=self.max_audio_seconds)
+                           max_audio_seconds=self.max_audio_seconds, tokens_per_chunk=self.tokens_per_chunk)
 
     def batch_shape(self, pad_id: int) -> BatchShape:
-        return BatchShape(self.batch_size, self.seq_len, self.max_chunks, self.features, pad_id=pad_id)
+        return BatchShape(self.batch_size, self.seq_len, self.max_chunks, self.features, pad_id=pad_id,
+                          tokens_per_chunk=self.tokens_per_chunk)
 
 
 # ------------------------------------------------------------------------------ the stream

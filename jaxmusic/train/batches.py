@@ -48,7 +48,8 @@ def make_source(stage: StageConfig, spec: ModelSpec, mesh, micro_rows: int, stag
         cfg = data_lib.DataConfig(
             manifests=manifests, weights=weights, audio_root=d.audio_root or "", template=d.template,
             batch_size=local, seq_len=d.seq_len, max_chunks=d.chunks_per_row, features=d.features,
-            max_audio_seconds=d.max_audio_seconds, packing=d.packing, seed=d.seed,
+            max_audio_seconds=d.max_audio_seconds, tokens_per_chunk=spec.tokens_per_chunk,
+            packing=d.packing, seed=d.seed,
             num_epochs=_epochs_bound(stage, manifests),
             num_workers=d.workers, strict=d.strict, report_path=str(stage_dir / "data_report.json"))
     except ValueError as e:

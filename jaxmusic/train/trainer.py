@@ -2,7 +2,8 @@
 
 Workdir layout: one folder per stage, `DIR/STAGE/` with `checkpoints/STEP/`,
 `config.yaml` (resolved), `metrics.jsonl`, `tensorboard/`, `data_report.json` (manifest
-data) and, once the stage has finished, `DONE`. Rerunning the same command resumes:
+data) and, once the stage has finished, `model/` (the result as a jaxmusic checkpoint for
+`jaxmusic ask/score/eval` and `convert/jax_to_hf.py`; `jaxmusic.train.model_folder`) and `DONE`. Rerunning the same command resumes:
 finished stages are skipped and the current one continues from its newest complete
 checkpoint, data order included. A resumed run logs again the steps it repeats.
 
@@ -41,6 +42,7 @@ from jaxmusic.train import optim
 from jaxmusic.train.batches import make_source, next_batch, restore_data_state, total_steps
 from jaxmusic.train.checkpoints import Checkpoints, Preemption
 from jaxmusic.train.config import ConfigError, StageConfig
+from jaxmusic.train.model_folder import write_model_folder
 from jaxmusic.train.state import ModelSpec, init_params, resolve_model, with_shardings
 from jaxmusic.train.step import LOSSES, make_train_step
 
@@ -222,6 +224,7 @@ def _run_stage(stage, stage_dir, previous, preemption, devices, devices_per_node
         ckpts.close()
         _close_quietly(source)
     if code == EXIT_OK and _primary():
+        write_model_folder(stage_dir, stage, stage.steps)
         (stage_dir / DONE_FILE).write_text(f"{stage.steps}\n")
     return code
 

@@ -1,0 +1,84 @@
+"""`jaxmusic demo`, shortened: corpus -> tokenizer -> three training stages -> eval -> report.
+
+A few minutes on 2 cores: 60 training clips, 12 held-out ones, the schedule's steps scaled
+down by `--minutes`. What it checks is the machinery (every artefact, the trained model
+loading for eval/ask and exporting to the released layout, resuming, refusing changed
+settings) and that training learns (the loss falls). Held-out accuracy above chance needs
+the full demo's budget; a run this short does not reliably reach it, so it is not asserted.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+import yaml
+
+from jaxmusic import demo, inference
+from jaxmusic.corpus import TASKS
+
+REPO = Path(__file__).resolve().parent.parent
+SHORT = ["corpus.n_train=60", "corpus.n_eval=12", "corpus.max_seconds=40", "ask.clips=2"]
+MINUTES = 0.5  # align 2, full 8, instruct 15 steps
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("demo")
+    assert demo.run(path, minutes=MINUTES, overrides=SHORT, progress=False) == 0
+    return path
+
+
+def test_demo_writes_every_artefact(workdir):
+    for name in ("report.md", "loss.png", "loss_align.png", "loss_full.png", "loss_instruct.png",
+                 "schedule.yaml", "demo.json", "corpus/tokenizer/tokenizer.json"):
+        assert (workdir / name).is_file(), name
+    for stage, steps in (("align", 2), ("full", 8), ("instruct", 15)):
+        assert (workdir / "train" / stage / "DONE").read_text().strip() == str(steps)
+        losses = demo.read_losses(workdir / "train" / stage)
+        assert [s for s, _ in losses] == list(range(1, steps + 1))
+    summary = json.loads((workdir / "eval" / "instruct" / "results.json").read_text())
+    assert set(summary["subsets"]) == set(TASKS)
+    assert summary["overall"]["skipped"] == 0 and summary["overall"]["scored"] == summary["overall"]["items"]
+    report = (workdir / "report.md").read_text()
+    assert "| overall | 25% |" in report and "after instruct" in report
+    assert report.count("(truth: ") == 2
+
+
+def test_training_learns(workdir):
+    # From a random LLM, the loss falls from ~ln(vocab) as soon as the answer format is learned.
+    losses = [loss for _, loss in demo.read_losses(workdir / "train" / "full")]
+    assert losses[0] > 5.0 and losses[-1] < losses[0] - 1.0, losses
+
+
+def test_stage_model_exports_to_released_layout(workdir, tmp_path, monkeypatch):
+    """A stage's `model/` is a jaxmusic checkpoint: it exports to the released layout, and that
+    folder imports back (with the demo's glue settings) to bit-identical parameters."""
+    monkeypatch.setenv("JAXMUSIC_CACHE", str(tmp_path / "cache"))
+    model = workdir / "train" / "instruct" / "model"
+    out = tmp_path / "released"
+    run = subprocess.run([sys.executable, str(REPO / "convert" / "jax_to_hf.py"), str(model), "--out", str(out)],
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    trained = inference.load(model)
+    # The released layout does not record the glue settings (the reference hard-codes them).
+    glue = tmp_path / "mufun.yaml"
+    glue.write_text(yaml.safe_dump(json.loads((model / "jaxmusic.json").read_text())["mufun"]))
+    again = inference.load(out, mufun_config=str(glue))
+    from flax import nnx
+
+    a, b = nnx.to_pure_dict(nnx.state(trained.model)), nnx.to_pure_dict(nnx.state(again.model))
+    assert jax.tree.all(jax.tree.map(lambda x, y: np.array_equal(np.asarray(x), np.asarray(y)), a, b))
+
+
+def test_rerun_resumes_and_changed_settings_are_refused(workdir, capsys):
+    before = {s: (workdir / "train" / s / "metrics.jsonl").read_text() for s in ("align", "full", "instruct")}
+    assert demo.run(workdir, minutes=MINUTES, overrides=SHORT, progress=False) == 0
+    said = capsys.readouterr()
+    assert (said.out + said.err).count("already done") == 3
+    assert before == {s: (workdir / "train" / s / "metrics.jsonl").read_text() for s in before}
+    assert demo.main(["--workdir", str(workdir), "--minutes", "1", "--no-progress", *SHORT]) == 2
+    assert "other settings (minutes differ)" in capsys.readouterr().err
