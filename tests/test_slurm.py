@@ -30,7 +30,7 @@ SBATCH = REPO / "launch" / "slurm.sbatch"
 TINY = REPO / "configs" / "stages" / "tiny.yaml"
 DAEMONS = ("munged", "slurmctld", "slurmd")
 CLIENTS = ("sbatch", "scontrol", "squeue", "scancel", "srun", "sinfo")
-STEPS = 8
+STEPS = 32  # room for a preemption to land a few steps late on a loaded machine (stops must be < STEPS)
 FINISHED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL")
 
 
