@@ -214,6 +214,7 @@ def run(workdir: str | Path, *, minutes: float | None = None, config: str | Path
         overrides: list[str] = (), progress: bool = True) -> int:
     """Run (or resume) the demo in `workdir`; returns an exit code (the trainer's, if it fails)."""
     from jaxmusic import corpus, evaluate, inference
+    from jaxmusic.train import config as config_lib
     from jaxmusic.train import trainer
 
     workdir = Path(workdir).absolute()
@@ -235,8 +236,9 @@ def run(workdir: str | Path, *, minutes: float | None = None, config: str | Path
 
     t = time.perf_counter()
     schedule = write_schedule(settings, corpus_dir, tok_dir, workdir / "schedule.yaml")
-    stages = [s.name for s in _load_schedule(schedule, train_overrides).stages]
-    vocab = _load_schedule(schedule, train_overrides).stages[0].model.llm["vocab_size"]
+    resolved = config_lib.load(schedule, train_overrides).stages
+    stages = [s.name for s in resolved]
+    vocab = resolved[0].model.llm["vocab_size"]
     if len(tok) > vocab:
         raise UserError(f"the tokenizer has {len(tok)} tokens but model.llm.vocab_size is {vocab}")
     say(f"[3/5] training stages {' -> '.join(stages)} (resumable) -> {workdir / 'train'}")
@@ -276,12 +278,6 @@ def run(workdir: str | Path, *, minutes: float | None = None, config: str | Path
         say(f"ask {a['audio']}: {a['question']}\n  -> {a['answer']!r}   (truth: {a['truth']})")
     say(f"\nreport: {report}   loss curves: {workdir / 'loss.png'}   model: {workdir / 'train' / stages[-1] / 'model'}")
     return 0
-
-
-def _load_schedule(path: Path, overrides: list[str]):
-    from jaxmusic.train import config as config_lib
-
-    return config_lib.load(path, overrides)
 
 
 def main(argv: list[str] | None = None) -> int:
