@@ -25,7 +25,8 @@ Files under the corpus root (audio paths in manifests are relative to the root):
 * `captions.jsonl` - alignment stage (template `pretrain`): the "gpt" value is a caption.
 * `qa.jsonl` - single- and multi-turn open questions (template `qwen2_instruct`).
 * `mcq.jsonl` - MuCUE-style four-option questions rendered with the exact MuCUE prompt of
-  `jaxmusic.evaluate`; the answer is the correct option's text.
+  `jaxmusic.evaluate`; the answer is the correct option's text. One conversation per crop
+  (the whole clip, and each section of a multi-section clip) asks up to `MCQ_TURNS` of them.
 * `eval.jsonl` - the held-out split as a MuCUE-style benchmark for `jaxmusic eval`
   (`audio`, optional `time`, `question`, `choices`, `answer` (a letter), `subset`).
 * `clips.jsonl` - every clip's attributes (ground truth); `corpus.json` - the settings.
@@ -87,6 +88,7 @@ QUESTIONS = {
                  "Into how many distinct parts is this piece divided?"),
 }
 CAPTION_QUESTION = "Describe this music."
+MCQ_TURNS = 4  # questions per multiple-choice conversation
 
 
 @dataclasses.dataclass(frozen=True)
@@ -414,12 +416,19 @@ def train_records(spec: dict, seed: int) -> dict[str, list[dict]]:
         qa.append(_record(f"{spec['id']}-multi", spec,
                           [(str(rng.choice(QUESTIONS[t])), _open_answer(t, spec, s)) for t, s in turns], crop))
 
+    # One multiple-choice conversation per crop (the whole clip, and each section of a
+    # multi-section clip) asking up to MCQ_TURNS of the questions that crop answers: every
+    # 30 s chunk the encoder runs on then teaches several answers, not one.
     mcq = []
-    for j in rng.permutation(len(tasks))[:2]:
-        task, section = tasks[j]
-        options, answer = _choices(task, _label(task, spec, section), rng)
-        question = mucue_prompt(str(rng.choice(QUESTIONS[task])), options)
-        mcq.append(_record(f"{spec['id']}-mcq-{task}", spec, [(question, options[answer])], _time(spec, section)))
+    for crop in [None] + ([[s["start"], s["end"]] for s in spec["sections"]] if len(spec["sections"]) > 1 else []):
+        on_crop = [(t, s) for t, s in tasks if _time(spec, s) == crop]
+        turns = []
+        for j in rng.permutation(len(on_crop))[:MCQ_TURNS]:
+            task, section = on_crop[j]
+            options, answer = _choices(task, _label(task, spec, section), rng)
+            turns.append((mucue_prompt(str(rng.choice(QUESTIONS[task])), options), options[answer]))
+        name = "clip" if crop is None else f"section{[s['start'] for s in spec['sections']].index(crop[0])}"
+        mcq.append(_record(f"{spec['id']}-mcq-{name}", spec, turns, crop))
     return {"captions": captions, "qa": qa, "mcq": mcq}
 
 
@@ -520,4 +529,5 @@ def build_tokenizer(root: str | os.PathLike, vocab_size: int = 1024, out_dir: st
     out = Path(out_dir) if out_dir is not None else Path(root) / "tokenizer"
     if (out / "tokenizer.json").is_file():
         return AutoTokenizer.from_pretrained(str(out))
-    return train_tokenizer(texts(root), vocab_size=vocab_size, out_dir=out)
+    # spaces end words, so the inference prompt's trailing "ASSISTANT: " matches training (jaxmusic.tokenizer)
+    return train_tokenizer(texts(root), vocab_size=vocab_size, out_dir=out, space_joins="previous")

@@ -54,13 +54,14 @@ class Loaded:
     cfg: mufun.MuFunConfig
     stop_ids: tuple[int, ...]
 
-    @property
-    def frames(self) -> int:  # log-mel frames per chunk
-        return 2 * self.model.whisper.cfg.max_source_positions
+    frames: int = dataclasses.field(init=False)  # log-mel frames per chunk
+    n_mels: int = dataclasses.field(init=False)
 
-    @property
-    def n_mels(self) -> int:
-        return self.model.whisper.cfg.num_mel_bins
+    def __post_init__(self):
+        # Read once, here: while an `nnx.jit` call runs it rewrites the module's attributes, so
+        # threads that prepare the next batch (jaxmusic.evaluate) must not read them from the model.
+        self.frames = 2 * self.model.whisper.cfg.max_source_positions
+        self.n_mels = self.model.whisper.cfg.num_mel_bins
 
 
 # ------------------------------------------------------------------------------ loading

@@ -1,9 +1,17 @@
 """Small Qwen-style tokenizers trained on a corpus, saved as standard HF tokenizer files.
 
 Used by the demo (which cannot download Qwen's tokenizer) and by tests. Like Qwen's, it
-is a byte-level BPE (spaces merge into the following word, no BOS is added) with
-`<|endoftext|>` as padding and `<|im_end|>` as the end-of-turn / EOS token, so the
-templates and the stop rule behave exactly as with the real tokenizer.
+is a byte-level BPE (no BOS is added) with `<|endoftext|>` as padding and `<|im_end|>` as
+the end-of-turn / EOS token, so the templates and the stop rule behave as with the real
+tokenizer.
+
+Where spaces go is a choice. Qwen merges a space into the *following* word, so the
+inference prompt's trailing `"ASSISTANT: "` ends in a lone space token that training
+never shows before an answer (there the space belongs to the answer's first token).
+A pretrained Qwen copes with that; a model trained from scratch on such a tokenizer
+answers every question with the same few tokens. `space_joins="previous"` attaches spaces
+to the end of the word before them instead, so `"ASSISTANT: "` is tokenised the same
+in training and at inference; the demo uses it.
 """
 
 from __future__ import annotations
@@ -11,18 +19,29 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterable
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 PAD = "<|endoftext|>"
 END_OF_TURN = "<|im_end|>"
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int = 512, out_dir: str | Path | None = None):
-    """Train a byte-level BPE on `texts`; returns a `PreTrainedTokenizerFast` (saved if `out_dir`)."""
+def train_tokenizer(texts: Iterable[str], vocab_size: int = 512, out_dir: str | Path | None = None,
+                    space_joins: str = "next"):
+    """Train a byte-level BPE on `texts`; returns a `PreTrainedTokenizerFast` (saved if `out_dir`).
+
+    `space_joins`: "next" (Qwen: `" word"`) or "previous" (`"word "`; see the module docstring).
+    """
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    if space_joins == "next":
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    elif space_joins == "previous":  # words with their trailing whitespace; leading whitespace alone
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(r"\S+\s*"), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    else:
+        raise ValueError(f"space_joins must be 'next' or 'previous', got {space_joins!r}")
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[PAD, END_OF_TURN],

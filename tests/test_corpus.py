@@ -156,6 +156,11 @@ def test_deterministic_and_resumable(built, tmp_path):
 def test_manifests_are_valid_mufun_samples(built, tmp_path):
     tok = corpus.build_tokenizer(built, vocab_size=400, out_dir=tmp_path / "tok")
     assert len(tok(templates.END_OF_TURN, add_special_tokens=False)["input_ids"]) == 1
+    # The inference prompt (ending in "ASSISTANT: ") is tokenised as in training, so a
+    # model trained from scratch on it sees at inference the context it learnt to answer in.
+    prompt = templates.encode_prompt(corpus.QUESTIONS["tempo"][0], 1, tok).pieces[-1]
+    trained = templates.encode_scoring(corpus.QUESTIONS["tempo"][0], "very fast", 1, tok).pieces[-1]
+    assert np.array_equal(trained[:len(prompt)], prompt)
     durations = {s["file"]: s["duration"] for s in _specs(built)}
     for name, template in (("captions", "pretrain"), ("qa", "qwen2_instruct"), ("mcq", "qwen2_instruct")):
         records = [json.loads(line) for line in open(built / f"{name}.jsonl")]
@@ -169,10 +174,15 @@ def test_manifests_are_valid_mufun_samples(built, tmp_path):
                 assert 0 <= start < end <= durations[rec["audio"]]
     multi = [json.loads(line) for line in open(built / "qa.jsonl") if "-multi" in line]
     assert multi and all(len(r["conversations"]) >= 4 for r in multi)
-    for rec in (json.loads(line) for line in open(built / "mcq.jsonl")):
-        question, answer = rec["conversations"][0]["value"], rec["conversations"][1]["value"]
-        assert question.startswith("<audio>\n" + evaluate.PROMPT_PREFIX)
-        assert f". {answer}\n" in question + "\n"  # the answer is one of the lettered options
+    mcq = [json.loads(line) for line in open(built / "mcq.jsonl")]
+    assert max(len(r["conversations"]) for r in mcq) == 2 * corpus.MCQ_TURNS
+    for rec in mcq:
+        turns = rec["conversations"]
+        assert turns[0]["value"].startswith("<audio>\n")
+        for question, answer in zip(turns[::2], turns[1::2]):
+            question, answer = question["value"].removeprefix("<audio>\n"), answer["value"]
+            assert question.startswith(evaluate.PROMPT_PREFIX)
+            assert f". {answer}\n" in question + "\n"  # the answer is one of the lettered options
 
     items = evaluate.read_benchmark(built / "eval.jsonl")
     assert {it.subset for it in items} <= set(corpus.TASKS) and "sections" in {it.subset for it in items}

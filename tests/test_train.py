@@ -112,6 +112,34 @@ def test_trainable_split_merge_and_schedule():
     assert isinstance(optim.adamw(opt, sched), optax.GradientTransformation)
 
 
+def test_lr_scales_scale_each_groups_updates():
+    import jax
+    import jax.numpy as jnp
+
+    trainable = {("whisper", "conv1", "kernel"), ("whisper", "conv1", "bias"), ("connector", "linear1", "kernel"),
+                 ("llm", "norm", "scale")}
+    opt = C.OptimizerSection(lr=1e-2, weight_decay=0.1, warmup_steps=0, schedule="constant",
+                             lr_scales={"conv1/kernel$": 0.5, "^whisper/": 0.1, "^llm/": 1.0})
+    factors = optim.lr_factors(opt, trainable)  # the first matching regex wins; factor 1 is left out
+    assert factors == {("whisper", "conv1", "kernel"): 0.5, ("whisper", "conv1", "bias"): 0.1}
+    params = optim.unflatten({p: jnp.full((3,), 2.0) for p in trainable})
+    grads = optim.unflatten({p: jnp.array([1.0, -2.0, 0.5]) for p in trainable})
+
+    def update(tx):
+        updates, _ = tx.update(grads, tx.init(params), params)
+        return optim.flatten(updates)
+
+    plain = update(optim.adamw(opt, optim.learning_rate(opt, 10)))
+    scaled = update(optim.adamw(opt, optim.learning_rate(opt, 10), factors))
+    for p in trainable:  # AdamW's whole update, weight decay included, scales with the lr
+        np.testing.assert_allclose(scaled[p], plain[p] * factors.get(p, 1.0), rtol=1e-6)
+    assert jax.tree.structure(scaled) == jax.tree.structure(plain)
+    with pytest.raises(C.ConfigError, match="'\\^encoder/' matches no trainable parameter"):
+        optim.lr_factors(C.OptimizerSection(lr_scales={"^encoder/": 0.1}), trainable)
+    with pytest.raises(C.ConfigError, match="must be a number >= 0"):
+        optim.lr_factors(C.OptimizerSection(lr_scales={"^whisper/": "fast"}), trainable)
+
+
 def test_flop_count_matches_hand_arithmetic():
     llm = Qwen3Config(vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
                       num_attention_heads=32, num_key_value_heads=8, head_dim=128)

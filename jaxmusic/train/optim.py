@@ -113,11 +113,39 @@ def decays(path: Path) -> bool:
     return path[-1] not in ("bias", "scale")
 
 
-def adamw(opt: OptimizerSection, schedule: optax.Schedule) -> optax.GradientTransformation:
-    """Global-norm clipping, then AdamW with decoupled weight decay (torch.optim.AdamW's)."""
+def lr_factors(opt: OptimizerSection, trainable: Iterable[Path]) -> dict[Path, float]:
+    """`{path: factor}` for the trainable parameters that `opt.lr_scales` gives a factor other than 1.
+
+    A regex that matches no trainable parameter is an error, as in `trainable`.
+    """
+    factors: dict[Path, float] = {}
+    paths = sorted(trainable)
+    for pattern, factor in opt.lr_scales.items():
+        try:
+            regex = re.compile(pattern)
+        except re.error as e:
+            raise ConfigError(f"optimizer.lr_scales: bad regex {pattern!r} ({e})") from None
+        if not isinstance(factor, (int, float)) or isinstance(factor, bool) or factor < 0:
+            raise ConfigError(f"optimizer.lr_scales: factor for {pattern!r} must be a number >= 0, got {factor!r}")
+        hits = [p for p in paths if regex.search(path_str(p))]
+        if not hits:
+            raise ConfigError(f"optimizer.lr_scales: {pattern!r} matches no trainable parameter")
+        for p in hits:
+            factors.setdefault(p, float(factor))  # the first matching regex wins
+    return {p: f for p, f in factors.items() if f != 1.0}
+
+
+def adamw(opt: OptimizerSection, schedule: optax.Schedule,
+          factors: Mapping[Path, float] | None = None) -> optax.GradientTransformation:
+    """Global-norm clipping, AdamW with decoupled weight decay (torch.optim.AdamW's), then the
+    per-parameter lr `factors` (`lr_factors`): scaling an AdamW update is scaling its lr."""
     decay_mask = lambda tree: unflatten({p: decays(p) for p in flatten(tree)})  # noqa: E731
-    adam = optax.adamw(schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay,
-                       mask=decay_mask)
+    chain = [optax.adamw(schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay,
+                         mask=decay_mask)]
     if opt.clip_norm:
-        return optax.chain(optax.clip_by_global_norm(opt.clip_norm), adam)
-    return adam
+        chain.insert(0, optax.clip_by_global_norm(opt.clip_norm))
+    if factors:
+        def scale(updates):
+            return unflatten({p: u * factors[p] if p in factors else u for p, u in flatten(updates).items()})
+        chain.append(optax.stateless(lambda updates, params=None: scale(updates)))
+    return optax.chain(*chain) if len(chain) > 1 else chain[0]

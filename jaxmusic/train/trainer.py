@@ -139,7 +139,7 @@ def setup(stage: StageConfig, previous: Path | None = None, *, devices=None,
     param_sh = sharding.state_shardings(abstract_state, mesh)
     trainable = optim.trainable_paths(abstract_state, stage.trainable)
     schedule = optim.learning_rate(stage.optimizer, stage.steps)
-    tx = optim.adamw(stage.optimizer, schedule)
+    tx = optim.adamw(stage.optimizer, schedule, optim.lr_factors(stage.optimizer, trainable))
     abstract_opt = jax.eval_shape(tx.init, optim.split(abstract, trainable)[0])
     # optimizer moments mirror their parameters' shardings; scalars (step counts) are replicated
     opt_sh = optax.tree_map_params(tx, lambda _, s: s, abstract_opt, optim.split(param_sh, trainable)[0],
