@@ -16,7 +16,7 @@ second of the worker processes (start-up CPU, measured on a one-record run, subt
 "per worker" means per busy core and the figure holds on a machine shared with other jobs;
 wall-clock rates (from the first batch on) and the main process's CPU are shown beside it.
 The tokenizer is a tiny BPE: tokenising is a negligible share of the work with any tokenizer.
-A table of per-30 s costs (decode, mixdown, features) explains the totals.
+A table of per-30 s costs (decode, features) explains the totals.
 """
 
 from __future__ import annotations
@@ -198,26 +198,9 @@ def per_chunk_costs(folder: Path) -> dict:
     for c in chunks:
         fe(c, sampling_rate=16000, return_tensors="np")
     theirs = time.process_time() - t
-    # load_audio mixes [n, channels] down with a mean over the short inner axis; librosa
-    # averages a [channels, n] array. Same float32 result (checked), very different speed.
-    import soundfile
-
-    decoded = [soundfile.read(p, dtype="float32", always_2d=True) for p in paths if "_2ch" in p.name]
-    stereo = [d for d, _ in decoded]
-    stereo_30s = sum(len(d) / rate for d, rate in decoded) / 30.0
-    t = time.process_time()
-    ours_mono = [d.mean(axis=1, dtype=np.float32) for d in stereo]
-    inner = time.process_time() - t
-    t = time.process_time()
-    theirs_mono = [np.mean(np.ascontiguousarray(d.T), axis=0) for d in stereo]
-    outer = time.process_time() - t
-    assert all(np.array_equal(a, b) for a, b in zip(ours_mono, theirs_mono))
     per30 = sum(len(w) for w in waves) / A.CHUNK_SAMPLES
     return {"load_audio (decode, mono, resample), all files": 1000 * decode / per30,
             "librosa.load, all files": 1000 * librosa_decode / per30,
-            "stereo mono mixdown as load_audio does it ([n, 2].mean(axis=1))": 1000 * inner / stereo_30s,
-            "stereo mono mixdown as librosa does it ([2, n].mean(axis=0), incl. transpose)":
-                1000 * outer / stereo_30s,
             "log_mel_np, per chunk": 1000 * ours / len(chunks),
             "WhisperFeatureExtractor, per chunk": 1000 * theirs / len(chunks)}
 

@@ -62,7 +62,7 @@ class DataSection:
     seq_len: int = 1024              # tokens per row after splicing (fixed: one compilation)
     max_audio_seconds: float = 30.0  # longer clips are cut to this many seconds
     chunks_per_row: int = 1          # 30 s chunk slots per row (fixed shape; jaxmusic.data's max_chunks)
-    features: str = "log_mel"        # log_mel (host) | waveform (log-mel computed on the device)
+    features: str = "waveform"       # waveform (log-mel in the jitted step, on the device) | log_mel (host)
     packing: bool = False            # several samples per row, kept apart by segment masks
     seed: int = 0
     workers: int = 4                 # decoding processes per training process
