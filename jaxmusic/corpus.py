@@ -421,15 +421,17 @@ def train_records(spec: dict, seed: int) -> dict[str, list[dict]]:
     # One multiple-choice conversation per crop (the whole clip, and each section of a
     # multi-section clip) asking up to MCQ_TURNS of the questions that crop answers: every
     # 30 s chunk the encoder runs on then teaches several answers, not one.
+    crops = [("clip", None)]
+    if len(spec["sections"]) > 1:
+        crops += [(f"section{i}", [s["start"], s["end"]]) for i, s in enumerate(spec["sections"])]
     mcq = []
-    for crop in [None] + ([[s["start"], s["end"]] for s in spec["sections"]] if len(spec["sections"]) > 1 else []):
+    for name, crop in crops:
         on_crop = [(t, s) for t, s in tasks if _time(spec, s) == crop]
         turns = []
         for j in rng.permutation(len(on_crop))[:MCQ_TURNS]:
             task, section = on_crop[j]
             options, answer = _choices(task, _label(task, spec, section), rng)
             turns.append((mucue_prompt(str(rng.choice(QUESTIONS[task])), options), options[answer]))
-        name = "clip" if crop is None else f"section{[s['start'] for s in spec['sections']].index(crop[0])}"
         mcq.append(_record(f"{spec['id']}-mcq-{name}", spec, turns, crop))
     return {"captions": captions, "qa": qa, "mcq": mcq}
 

@@ -119,7 +119,6 @@ def lr_factors(opt: OptimizerSection, trainable: Iterable[Path]) -> dict[Path, f
     A regex that matches no trainable parameter is an error, as in `trainable`.
     """
     factors: dict[Path, float] = {}
-    paths = sorted(trainable)
     for pattern, factor in opt.lr_scales.items():
         try:
             regex = re.compile(pattern)
@@ -127,7 +126,7 @@ def lr_factors(opt: OptimizerSection, trainable: Iterable[Path]) -> dict[Path, f
             raise ConfigError(f"optimizer.lr_scales: bad regex {pattern!r} ({e})") from None
         if not isinstance(factor, (int, float)) or isinstance(factor, bool) or factor < 0:
             raise ConfigError(f"optimizer.lr_scales: factor for {pattern!r} must be a number >= 0, got {factor!r}")
-        hits = [p for p in paths if regex.search(path_str(p))]
+        hits = [p for p in trainable if regex.search(path_str(p))]
         if not hits:
             raise ConfigError(f"optimizer.lr_scales: {pattern!r} matches no trainable parameter")
         for p in hits:
@@ -140,12 +139,10 @@ def adamw(opt: OptimizerSection, schedule: optax.Schedule,
     """Global-norm clipping, AdamW with decoupled weight decay (torch.optim.AdamW's), then the
     per-parameter lr `factors` (`lr_factors`): scaling an AdamW update is scaling its lr."""
     decay_mask = lambda tree: unflatten({p: decays(p) for p in flatten(tree)})  # noqa: E731
-    chain = [optax.adamw(schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay,
-                         mask=decay_mask)]
-    if opt.clip_norm:
-        chain.insert(0, optax.clip_by_global_norm(opt.clip_norm))
+    adam = optax.adamw(schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay,
+                       mask=decay_mask)
+    parts = ([optax.clip_by_global_norm(opt.clip_norm)] if opt.clip_norm else []) + [adam]
     if factors:
-        def scale(updates):
-            return unflatten({p: u * factors[p] if p in factors else u for p, u in flatten(updates).items()})
-        chain.append(optax.stateless(lambda updates, params=None: scale(updates)))
-    return optax.chain(*chain) if len(chain) > 1 else chain[0]
+        parts.append(optax.stateless(lambda updates, params=None: unflatten(
+            {p: u * factors[p] if p in factors else u for p, u in flatten(updates).items()})))
+    return optax.chain(*parts) if len(parts) > 1 else adam

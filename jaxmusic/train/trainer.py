@@ -3,9 +3,10 @@
 Workdir layout: one folder per stage, `DIR/STAGE/` with `checkpoints/STEP/`,
 `config.yaml` (resolved), `metrics.jsonl`, `tensorboard/`, `data_report.json` (manifest
 data) and, once the stage has finished, `model/` (the result as a jaxmusic checkpoint for
-`jaxmusic ask/score/eval` and `convert/jax_to_hf.py`; `jaxmusic.train.model_folder`) and `DONE`. Rerunning the same command resumes:
-finished stages are skipped and the current one continues from its newest complete
-checkpoint, data order included. A resumed run logs again the steps it repeats.
+`jaxmusic ask/score/eval` and `convert/jax_to_hf.py`; `jaxmusic.train.model_folder`) and
+`DONE`. Rerunning the same command resumes: finished stages are skipped and the current
+one continues from its newest complete checkpoint, data order included. A resumed run logs
+again the steps it repeats.
 
 Exit codes: 0 done; 2 configuration/user error; 3 stopped on a non-finite loss or
 gradient (`nan_policy: stop`; the newest checkpoint is intact); 75 preempted (SIGTERM):
