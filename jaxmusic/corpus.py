@@ -35,9 +35,13 @@ Files under the corpus root (audio paths in manifests are relative to the root):
 
 * `captions.jsonl` - alignment stage (template `pretrain`): the "gpt" value is a caption.
 * `qa.jsonl` - single- and multi-turn open questions (template `qwen2_instruct`).
-* `mcq.jsonl` - MuCUE-style four-option questions rendered with the exact MuCUE prompt of
-  `jaxmusic.evaluate`; the answer is the correct option's text. One conversation per crop
-  (the whole clip, and each section of a multi-section clip) asks up to `MCQ_TURNS` of them.
+* `mcq_<task>.jsonl`, one per task - MuCUE-style four-option questions rendered with the
+  exact MuCUE prompt of `jaxmusic.evaluate`; the answer is the correct option's text.
+  `MCQ_DRAWS` single-question records per crop the task applies to (the whole clip, or one
+  section of a multi-section clip), each with its own wording and options. One manifest per
+  task lets a schedule weight the tasks: a model trained from scratch learns the loudest cue
+  (instrument) first, and with the tasks in their natural proportions (instrument asked of
+  every section) the rest stayed at chance (README, "Demo").
 * `eval.jsonl` - the held-out split as a MuCUE-style benchmark for `jaxmusic eval`
   (`audio`, optional `time`, `question`, `choices`, `answer` (a letter), `subset`).
 * `clips.jsonl` - every clip's attributes (ground truth); `corpus.json` - the settings.
@@ -88,6 +92,7 @@ NOTE_NAMES = ("C", "C#", "D", "D#", "E", "F", "F#", "G", "G#", "A", "A#", "B")
 # Pitch classes are spelt out ("A natural", not "A") so no option text can be read as an answer letter.
 PITCH_CLASSES = tuple(n[0] + (" sharp" if n.endswith("#") else " natural") for n in NOTE_NAMES)
 TASKS = ("instrument", "pitch", "pitch_class", "chord", "tempo", "sections")
+MANIFESTS = ("captions", "qa") + tuple(f"mcq_{task}" for task in TASKS)  # training manifests
 
 QUESTIONS = {
     "instrument": ("Which instrument family is playing?", "What kind of instrument plays in this clip?",
@@ -100,7 +105,7 @@ QUESTIONS = {
                  "Into how many distinct parts is this piece divided?"),
 }
 CAPTION_QUESTION = "Describe this music."
-MCQ_TURNS = 4  # questions per multiple-choice conversation
+MCQ_DRAWS = 4  # multiple-choice records per task and crop, each with its own options
 
 
 @dataclasses.dataclass(frozen=True)
@@ -427,22 +432,17 @@ def train_records(spec: dict, seed: int) -> dict[str, list[dict]]:
         qa.append(_record(f"{spec['id']}-multi", spec,
                           [(str(rng.choice(QUESTIONS[t])), _open_answer(t, spec, s)) for t, s in turns], crop))
 
-    # One multiple-choice conversation per crop (the whole clip, and each section of a
-    # multi-section clip) asking up to MCQ_TURNS of the questions that crop answers: every
-    # 30 s chunk the encoder runs on then teaches several answers, not one.
-    crops = [("clip", None)]
-    if len(spec["sections"]) > 1:
-        crops += [(f"section{i}", [s["start"], s["end"]]) for i, s in enumerate(spec["sections"])]
-    mcq = []
-    for name, crop in crops:
-        on_crop = [(t, s) for t, s in tasks if _time(spec, s) == crop]
-        turns = []
-        for j in rng.permutation(len(on_crop))[:MCQ_TURNS]:
-            task, section = on_crop[j]
+    # Multiple choice: MCQ_DRAWS single-question records (fresh wording and options) per task
+    # and crop, written to one manifest per task so that a schedule can weight the tasks.
+    mcq: dict[str, list[dict]] = {f"mcq_{task}": [] for task in TASKS}
+    for task, section in tasks:
+        where = "clip" if section is None else f"section{spec['sections'].index(section)}"
+        for draw in range(MCQ_DRAWS):
             options, answer = _choices(task, _label(task, spec, section), rng)
-            turns.append((mucue_prompt(str(rng.choice(QUESTIONS[task])), options), options[answer]))
-        mcq.append(_record(f"{spec['id']}-mcq-{name}", spec, turns, crop))
-    return {"captions": captions, "qa": qa, "mcq": mcq}
+            question = mucue_prompt(str(rng.choice(QUESTIONS[task])), options)
+            mcq[f"mcq_{task}"].append(_record(f"{spec['id']}-mcq-{task}-{where}-{draw}", spec,
+                                              [(question, options[answer])], _time(spec, section)))
+    return {"captions": captions, "qa": qa} | mcq
 
 
 def eval_items(spec: dict, seed: int) -> list[dict]:
@@ -500,7 +500,7 @@ def build(root: str | os.PathLike, cfg: CorpusConfig | dict = CorpusConfig(), *,
                     bar.update()
 
     train = [s for s in specs if s["split"] == "train"]
-    records: dict[str, list[dict]] = {"captions": [], "qa": [], "mcq": []}
+    records: dict[str, list[dict]] = {name: [] for name in MANIFESTS}
     for spec in train:
         for name, recs in train_records(spec, cfg.seed).items():
             records[name] += recs
@@ -523,7 +523,7 @@ def texts(root: str | os.PathLike) -> Iterator[str]:
     yield templates.SYSTEM
     yield "USER: ASSISTANT: " + templates.END_OF_TURN
     root = Path(root)
-    for name in ("captions", "qa", "mcq"):
+    for name in MANIFESTS:
         for line in open(root / f"{name}.jsonl", encoding="utf-8"):
             for msg in json.loads(line)["conversations"]:
                 yield msg["value"]

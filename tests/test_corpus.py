@@ -136,7 +136,7 @@ def test_written_files_match_their_labels(built):
 
 def test_deterministic_and_resumable(built, tmp_path):
     other = corpus.build(tmp_path / "again", {**SMALL, "workers": 1}, progress=False)
-    for name in ("captions", "qa", "mcq", "eval", "clips"):
+    for name in corpus.MANIFESTS + ("eval", "clips"):
         assert (built / f"{name}.jsonl").read_bytes() == (other / f"{name}.jsonl").read_bytes(), name
     for a, b in zip(_files(built), _files(other)):
         assert a.relative_to(built) == b.relative_to(other)
@@ -162,9 +162,10 @@ def test_manifests_are_valid_mufun_samples(built, tmp_path):
     trained = templates.encode_scoring(corpus.QUESTIONS["tempo"][0], "very fast", 1, tok).pieces[-1]
     assert np.array_equal(trained[:len(prompt)], prompt)
     durations = {s["file"]: s["duration"] for s in _specs(built)}
-    for name, template in (("captions", "pretrain"), ("qa", "qwen2_instruct"), ("mcq", "qwen2_instruct")):
+    for name in corpus.MANIFESTS:
+        template = "pretrain" if name == "captions" else "qwen2_instruct"
         records = [json.loads(line) for line in open(built / f"{name}.jsonl")]
-        assert len(records) >= SMALL["n_train"]
+        assert len(records) >= (SMALL["n_train"] if name in ("captions", "qa", "mcq_sections") else 1), name
         for rec in records:
             assert (built / rec["audio"]).is_file()
             text = templates.encode_conversation(template, rec["conversations"], 1, tok)
@@ -174,14 +175,13 @@ def test_manifests_are_valid_mufun_samples(built, tmp_path):
                 assert 0 <= start < end <= durations[rec["audio"]]
     multi = [json.loads(line) for line in open(built / "qa.jsonl") if "-multi" in line]
     assert multi and all(len(r["conversations"]) >= 4 for r in multi)
-    mcq = [json.loads(line) for line in open(built / "mcq.jsonl")]
-    assert max(len(r["conversations"]) for r in mcq) == 2 * corpus.MCQ_TURNS
-    for rec in mcq:
-        turns = rec["conversations"]
-        assert turns[0]["value"].startswith("<audio>\n")
-        for question, answer in zip(turns[::2], turns[1::2]):
-            question, answer = question["value"].removeprefix("<audio>\n"), answer["value"]
-            assert question.startswith(evaluate.PROMPT_PREFIX)
+    for task in corpus.TASKS:
+        mcq = [json.loads(line) for line in open(built / f"mcq_{task}.jsonl")]
+        for rec in mcq:
+            (question, answer), = [(q["value"], a["value"]) for q, a in zip(rec["conversations"][::2],
+                                                                           rec["conversations"][1::2])]
+            assert question.startswith("<audio>\n" + evaluate.PROMPT_PREFIX)
+            assert any(q in question for q in corpus.QUESTIONS[task]), (task, question)
             assert f". {answer}\n" in question + "\n"  # the answer is one of the lettered options
 
     items = evaluate.read_benchmark(built / "eval.jsonl")

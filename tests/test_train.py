@@ -68,6 +68,10 @@ def test_overrides_and_errors(tmp_path):
         C.load(TINY, ["batch.microbatch=5"])
     with pytest.raises(C.ConfigError, match="init.source: 'hf' is not one of"):
         C.load(TINY, ["init.source=hf"])
+    with pytest.raises(C.ConfigError, match="init.whisper_positions: 'none' is not one of"):
+        C.load(TINY, ["init.whisper_positions=none"])
+    with pytest.raises(C.ConfigError, match="init.standardize_encoder_output: 4 must be .* only with init.source random"):
+        C.load(TINY, ["init.source=stage", "init.path=runs/p0", "init.standardize_encoder_output=4"])
     assert C.load(TINY, ["optimizer.lr=2e-5"]).stages[0].optimizer.lr == 2e-5  # YAML 1.1 reads a string
     with pytest.raises(C.ConfigError, match="steps: expected int or null, got 'ten'"):
         C.load(TINY, ["steps=ten"])
@@ -110,6 +114,58 @@ def test_trainable_split_merge_and_schedule():
         want = 2e-5 * (k / warm if k < warm else 0.5 * (1 + math.cos(math.pi * (k - warm) / (total - warm))))
         assert abs(float(sched(k)) - want) < 1e-11
     assert isinstance(optim.adamw(opt, sched), optax.GradientTransformation)
+
+
+def test_random_encoder_positions_are_whispers_sinusoids_or_zeros():
+    from jaxmusic import sharding
+    from jaxmusic.models.whisper import sinusoids
+    from jaxmusic.train.state import ModelSpec, random_parts
+
+    spec = ModelSpec.from_stage(C.load(TINY).stages[0])
+    shardings = sharding.state_shardings(spec.abstract()[1], sharding.make_mesh({}))
+    table = sinusoids(spec.whisper.max_source_positions, spec.whisper.d_model)
+    params = {how: random_parts(spec, ("whisper",), 0, shardings, whisper_positions=how)["whisper"]
+              for how in C.WHISPER_POSITIONS}
+    assert np.array_equal(np.asarray(params["sinusoids"]["embed_positions"]), table)
+    assert not np.asarray(params["zeros"]["embed_positions"]).any()
+    assert np.array_equal(np.asarray(params["zeros"]["conv1"]["kernel"]),   # nothing else changes
+                          np.asarray(params["sinusoids"]["conv1"]["kernel"]))
+
+
+def test_standardize_encoder_output_folds_its_statistics_into_the_final_layer_norm():
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from jaxmusic import mufun, sharding
+    from jaxmusic.train.state import PARTS, ModelSpec, random_parts, standardize_encoder_output
+
+    spec = ModelSpec.from_stage(C.load(TINY).stages[0])
+    graphdef, abstract = spec.abstract()
+    shardings = sharding.state_shardings(abstract, sharding.make_mesh({}))
+    params = random_parts(spec, PARTS, 0, shardings)
+    rng = np.random.default_rng(0)
+    shape = (2, 3, spec.whisper.num_mel_bins, 2 * spec.whisper.max_source_positions)  # [A, chunk slots, ...]
+    batches = [{"mel": jnp.asarray(rng.normal(size=shape), jnp.float32) * (1 + i),
+                "chunk_mask": jnp.asarray([[True, True, False], [True, False, True]])} for i in range(2)]
+    folded = standardize_encoder_output(graphdef, params, batches, spec.mufun, shardings["whisper"])
+
+    def last_pooled(params, mel):
+        hidden = nnx.merge(graphdef, params).whisper(mel.reshape(-1, *shape[2:]))
+        return np.asarray(mufun.pool(hidden[-1], spec.mufun.pool_kernel, spec.mufun.pool_stride)), hidden
+
+    before, after = [], []
+    for b in batches:
+        audio = np.asarray(b["chunk_mask"]).reshape(-1)  # slots holding audio only
+        (x, hidden), (y, hidden_after) = last_pooled(params, b["mel"]), last_pooled(folded, b["mel"])
+        before.append(x[audio]), after.append(y[audio])
+        np.testing.assert_array_equal(np.asarray(hidden[:-1]), np.asarray(hidden_after[:-1]))  # earlier layers
+    x = np.concatenate(before).reshape(-1, before[0].shape[-1])
+    y = np.concatenate(after).reshape(-1, x.shape[-1])
+    np.testing.assert_allclose(y, (x - x.mean(0)) / x.std(0), atol=5e-5)  # float32 moments; reached 1e-5
+    assert np.abs(x.std(0) - 1).max() > 0.1 and np.abs(x.mean(0)).max() > 0.1  # it was not standardised
+    for part in ("connector", "llm"):
+        assert all(a is b for a, b in zip(jax.tree.leaves(params[part]), jax.tree.leaves(folded[part])))
 
 
 def test_lr_scales_scale_each_groups_updates():

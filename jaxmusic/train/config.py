@@ -42,6 +42,9 @@ class ModelSection:
     attention: str = "auto"
 
 
+WHISPER_POSITIONS = ("sinusoids", "zeros")
+
+
 @dataclasses.dataclass(frozen=True)
 class InitSection:
     # random: fresh weights (seed) | checkpoint: a jaxmusic checkpoint from convert/hf_to_jax.py
@@ -50,6 +53,13 @@ class InitSection:
     source: str = "random"
     path: str | None = None
     seed: int = 0
+    # A random Whisper encoder's position table: "sinusoids" (Whisper's) | "zeros" (no absolute
+    # positions; the demo's choice, see configs/stages/demo.yaml). Checkpoints carry their own.
+    whisper_positions: str = "sinusoids"
+    # Batches of the stage's data over which a random encoder's final layer norm is set so that
+    # its output comes out standardised per feature (train.state.standardize_encoder_output);
+    # 0: off. A random encoder's features are badly scaled (the demo's choice).
+    standardize_encoder_output: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,6 +162,7 @@ class StageConfig:
         if self.steps is not None and self.steps < 1:
             raise ConfigError(f"steps must be >= 1, got {self.steps}")
         choices = {"init.source": (self.init.source, ("random", "checkpoint", "stage", "previous")),
+                   "init.whisper_positions": (self.init.whisper_positions, WHISPER_POSITIONS),
                    "data.source": (self.data.source, ("manifests", "synthetic")),
                    "data.features": (self.data.features, ("log_mel", "waveform")),
                    "optimizer.schedule": (self.optimizer.schedule, ("cosine", "linear", "constant")),
@@ -159,6 +170,10 @@ class StageConfig:
         for key, (value, allowed) in choices.items():
             if value not in allowed:
                 raise ConfigError(f"{key}: {value!r} is not one of {allowed}")
+        n = self.init.standardize_encoder_output
+        if n < 0 or (n and self.init.source != "random"):
+            raise ConfigError(f"init.standardize_encoder_output: {n!r} must be a number of batches >= 0, "
+                              "and > 0 only with init.source random (a fresh encoder)")
         if self.init.source in ("checkpoint", "stage") and not self.init.path:
             raise ConfigError(f"init.source {self.init.source} needs init.path")
         if not self.trainable or not all(isinstance(r, str) for r in self.trainable):

@@ -12,9 +12,12 @@ import logging
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from jaxmusic import checkpoint as ckpt_lib
+from jaxmusic import mufun
+from jaxmusic.audio import log_mel_jax
 from jaxmusic.model import Connector, MuFun
 from jaxmusic.models.qwen3 import Qwen3Config, Qwen3ForCausalLM
 from jaxmusic.models.whisper import WhisperEncoder, WhisperEncoderConfig
@@ -66,12 +69,19 @@ class ModelSpec:
         return self.mufun.tokens_per_chunk(self.whisper.max_source_positions)
 
 
-def random_parts(spec: ModelSpec, parts: tuple[str, ...], seed: int, shardings: dict) -> dict:
-    """Fresh parameters `{part: ...}` of `parts`, created directly on `shardings[part]`."""
+def random_parts(spec: ModelSpec, parts: tuple[str, ...], seed: int, shardings: dict, *,
+                 whisper_positions: str = "sinusoids") -> dict:
+    """Fresh parameters `{part: ...}` of `parts`, created directly on `shardings[part]`.
+
+    `whisper_positions="zeros"` gives a random encoder no absolute positions (InitSection).
+    """
     def make():
         # Each part has its own stream, so a part's values do not depend on which others are random.
         keys = {p: jax.random.fold_in(jax.random.key(seed), PARTS.index(p)) for p in parts}
-        return {p: nnx.to_pure_dict(nnx.state(spec.build_part(p, nnx.Rngs(keys[p])))) for p in parts}
+        params = {p: nnx.to_pure_dict(nnx.state(spec.build_part(p, nnx.Rngs(keys[p])))) for p in parts}
+        if "whisper" in params and whisper_positions == "zeros":
+            params["whisper"]["embed_positions"] = jnp.zeros_like(params["whisper"]["embed_positions"])
+        return params
 
     return jax.jit(make, out_shardings={p: shardings[p] for p in parts})()
 
@@ -85,7 +95,7 @@ def init_params(spec: ModelSpec, stage: StageConfig, shardings: dict, abstract: 
     """
     init = stage.init
     if init.source == "random":
-        return random_parts(spec, PARTS, init.seed, shardings)
+        return random_parts(spec, PARTS, init.seed, shardings, whisper_positions=init.whisper_positions)
     if init.source in ("stage", "previous"):
         return restore_stage(Path(init.path), with_shardings(abstract, shardings))
     stored = ckpt_lib.read_meta(init.path)["parts"]
@@ -93,11 +103,51 @@ def init_params(spec: ModelSpec, stage: StageConfig, shardings: dict, abstract: 
     if missing:
         log.warning("init: %s has no %s; starting those from random weights (seed %d)",
                     init.path, " or ".join(missing), init.seed)
-    params = random_parts(spec, missing, init.seed, shardings) if missing else {}
+    params = (random_parts(spec, missing, init.seed, shardings, whisper_positions=init.whisper_positions)
+              if missing else {})
     for part in PARTS:
         if part in stored:
             params[part] = ckpt_lib.load_params(init.path, part, abstract[part], shardings[part])
     return params
+
+
+def standardize_encoder_output(graphdef: nnx.GraphDef, params: dict, batches, cfg: MuFunConfig,
+                               encoder_sharding) -> dict:
+    """`params` with the encoder's final layer norm set so its output comes out standardised.
+
+    A data-dependent initialisation for a random encoder: mean and standard deviation per
+    feature of the last hidden state, mean-pooled as the connector reads it, over every
+    audio chunk of `batches` (train-step batches, `jaxmusic.train.step` layout), folded into
+    the layer norm's scale and bias (exact; the architecture stays Whisper's). A connector
+    learns slowly from badly scaled features: Adam's step is the same for every weight, so
+    features that vary little about a large mean move its output little.
+    """
+    @jax.jit
+    def moments(params, batch):
+        audio = batch["mel"] if "mel" in batch else batch["wave"]
+        audio = audio.reshape(-1, *audio.shape[2:])  # microbatches x chunk slots
+        mel = audio if "mel" in batch else log_mel_jax(audio)
+        last = nnx.merge(graphdef, params).whisper(mel)[-1]
+        x = mufun.pool(last, cfg.pool_kernel, cfg.pool_stride).astype(jnp.float32)
+        w = batch["chunk_mask"].reshape(-1) if "chunk_mask" in batch else jnp.ones(x.shape[0], bool)
+        w = jnp.broadcast_to(w[:, None, None], x.shape[:2] + (1,)).astype(jnp.float32)
+        return w.sum(), (w * x).sum((0, 1)), (w * x * x).sum((0, 1))
+
+    totals = None
+    for batch in batches:
+        m = moments(params, batch)
+        totals = m if totals is None else jax.tree.map(jnp.add, totals, m)
+    count, s1, s2 = totals
+    mean = s1 / count
+    std = jnp.sqrt(jnp.maximum(s2 / count - mean * mean, 0.0))
+    std = jnp.where(std > 1e-3 * jnp.max(std), std, 1.0)  # a feature that never varies keeps its scale
+
+    def fold(whisper):
+        norm = whisper["layer_norm"]
+        return {**whisper, "layer_norm": {"scale": (norm["scale"] / std).astype(norm["scale"].dtype),
+                                          "bias": ((norm["bias"] - mean) / std).astype(norm["bias"].dtype)}}
+
+    return {**params, "whisper": jax.jit(fold, out_shardings=encoder_sharding)(params["whisper"])}
 
 
 def with_shardings(abstract: dict, shardings: dict) -> dict:

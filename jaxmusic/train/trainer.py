@@ -44,7 +44,8 @@ from jaxmusic.train.batches import make_source, next_batch, restore_data_state, 
 from jaxmusic.train.checkpoints import Checkpoints, Preemption
 from jaxmusic.train.config import ConfigError, StageConfig
 from jaxmusic.train.model_folder import write_model_folder
-from jaxmusic.train.state import ModelSpec, init_params, resolve_model, with_shardings
+from jaxmusic.train.state import (ModelSpec, init_params, resolve_model, standardize_encoder_output,
+                                  with_shardings)
 from jaxmusic.train.step import LOSSES, make_train_step
 
 log = logging.getLogger(__name__)
@@ -210,6 +211,8 @@ def _run_stage(stage, stage_dir, previous, preemption, devices, devices_per_node
         _say(f"  resumed from {stage_dir / 'checkpoints'} step {step}")
     else:
         params, opt_state = s.init_state()
+        if stage.init.standardize_encoder_output:
+            params = _standardize_encoder_output(s, source, params)
 
     writers = _Writers(stage_dir, stage) if _primary() else None
     try:
@@ -228,6 +231,20 @@ def _run_stage(stage, stage_dir, previous, preemption, devices, devices_per_node
         write_model_folder(stage_dir, stage, stage.steps)
         (stage_dir / DONE_FILE).write_text(f"{stage.steps}\n")
     return code
+
+
+def _standardize_encoder_output(s: Setup, source, params: dict) -> dict:
+    """A random encoder's output standardised over the stage's first batches
+    (`init.standardize_encoder_output`; they are not trained on)."""
+    n, whisper = s.stage.init.standardize_encoder_output, s.spec.whisper
+    if whisper.n_layers not in s.spec.mufun.fusion_layers:
+        raise ConfigError(f"init.standardize_encoder_output sets the encoder's last hidden state, which "
+                          f"fusion_layers {list(s.spec.mufun.fusion_layers)} leave out (add {whisper.n_layers})")
+    batches = (next_batch(source, s.stage.accumulation, s.mesh, s.micro_rows, 0, s.stage.data.packing)
+               for _ in range(n))
+    params = standardize_encoder_output(s.graphdef, params, batches, s.spec.mufun, s.param_shardings["whisper"])
+    _say(f"  standardised the encoder's output over {n} batches")
+    return params
 
 
 def _close_quietly(source) -> None:
