@@ -81,6 +81,8 @@ def test_overrides_and_errors(tmp_path):
         C.load(tmp_path / "nope.yaml")
     # the command line reports it in one line, exit code 2, before touching JAX
     assert main([str(TINY), "--workdir", str(tmp_path / "w"), "batch.size=3"]) == EXIT_USER_ERROR
+    assert main([str(TINY), "--workdir", str(tmp_path / "w"), "init.standardize_encoder_output=2",
+                 "model.mufun.fusion_layers=[0,1]"]) == EXIT_USER_ERROR  # the last layer (2) is not read
 
 
 # ------------------------------------------------------------------------------- optimizer

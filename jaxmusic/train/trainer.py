@@ -129,6 +129,10 @@ def setup(stage: StageConfig, previous: Path | None = None, *, devices=None,
     if stage.loss not in LOSSES:
         raise ConfigError(f"loss {stage.loss!r} is not one of {sorted(LOSSES)}")
     spec = ModelSpec.from_stage(stage)
+    last = spec.whisper.n_layers
+    if stage.init.standardize_encoder_output and last not in spec.mufun.fusion_layers:
+        raise ConfigError(f"init.standardize_encoder_output sets the encoder's last hidden state, which "
+                          f"fusion_layers {list(spec.mufun.fusion_layers)} leave out (add {last})")
     mesh = sharding.make_mesh(stage.mesh.shape(), devices, devices_per_node=devices_per_node)
     groups = sharding.data_parallel_size(mesh)
     micro_rows = stage.batch.microbatch or stage.batch.global_batch
@@ -236,10 +240,7 @@ def _run_stage(stage, stage_dir, previous, preemption, devices, devices_per_node
 def _standardize_encoder_output(s: Setup, source, params: dict) -> dict:
     """A random encoder's output standardised over the stage's first batches
     (`init.standardize_encoder_output`; they are not trained on)."""
-    n, whisper = s.stage.init.standardize_encoder_output, s.spec.whisper
-    if whisper.n_layers not in s.spec.mufun.fusion_layers:
-        raise ConfigError(f"init.standardize_encoder_output sets the encoder's last hidden state, which "
-                          f"fusion_layers {list(s.spec.mufun.fusion_layers)} leave out (add {whisper.n_layers})")
+    n = s.stage.init.standardize_encoder_output
     batches = (next_batch(source, s.stage.accumulation, s.mesh, s.micro_rows, 0, s.stage.data.packing)
                for _ in range(n))
     params = standardize_encoder_output(s.graphdef, params, batches, s.spec.mufun, s.param_shardings["whisper"])
