@@ -17,13 +17,13 @@ from flax import nnx
 
 from jaxmusic import checkpoint as ckpt_lib
 from jaxmusic import mufun
-from jaxmusic.audio import log_mel_jax
 from jaxmusic.model import Connector, MuFun
 from jaxmusic.models.qwen3 import Qwen3Config, Qwen3ForCausalLM
 from jaxmusic.models.whisper import WhisperEncoder, WhisperEncoderConfig
 from jaxmusic.mufun import MuFunConfig
 from jaxmusic.nn import ModelOptions
 from jaxmusic.train.config import ConfigError, StageConfig
+from jaxmusic.train.step import log_mels
 
 log = logging.getLogger(__name__)
 
@@ -124,14 +124,13 @@ def standardize_encoder_output(graphdef: nnx.GraphDef, params: dict, batches, cf
     """
     @jax.jit
     def moments(params, batch):
-        audio = batch["mel"] if "mel" in batch else batch["wave"]
-        audio = audio.reshape(-1, *audio.shape[2:])  # microbatches x chunk slots
-        mel = audio if "mel" in batch else log_mel_jax(audio)
-        last = nnx.merge(graphdef, params).whisper(mel)[-1]
+        # the microbatches' chunk slots as one microbatch
+        slots = {k: v.reshape(-1, *v.shape[2:]) for k, v in batch.items() if k in ("mel", "wave", "chunk_mask")}
+        last = nnx.merge(graphdef, params).whisper(log_mels(slots))[-1]
         x = mufun.pool(last, cfg.pool_kernel, cfg.pool_stride).astype(jnp.float32)
-        w = batch["chunk_mask"].reshape(-1) if "chunk_mask" in batch else jnp.ones(x.shape[0], bool)
-        w = jnp.broadcast_to(w[:, None, None], x.shape[:2] + (1,)).astype(jnp.float32)
-        return w.sum(), (w * x).sum((0, 1)), (w * x * x).sum((0, 1))
+        w = slots["chunk_mask"] if "chunk_mask" in slots else jnp.ones(x.shape[0], bool)
+        w = w.astype(jnp.float32)[:, None, None]
+        return w.sum() * x.shape[1], (w * x).sum((0, 1)), (w * x * x).sum((0, 1))
 
     totals = None
     for batch in batches:

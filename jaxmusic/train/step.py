@@ -37,10 +37,15 @@ from jaxmusic.train import optim
 LossFn = Callable[[Any, dict], tuple[jax.Array, jax.Array, dict]]
 
 
+def log_mels(microbatch: dict) -> jax.Array:
+    """A microbatch's chunk slots as log-mels: given, or made from waveforms on the device."""
+    return microbatch["mel"] if "mel" in microbatch else log_mel_jax(microbatch["wave"])
+
+
 def logits(model, batch: dict) -> jax.Array:
     """The model on one microbatch. Without `segment_ids` no mask is built: with right
     padding a causal query never sees the padding after it."""
-    mel = batch["mel"] if "mel" in batch else log_mel_jax(batch["wave"])
+    mel = log_mels(batch)
     mask = segment_attention_mask(batch["segment_ids"]) if "segment_ids" in batch else None
     return model(mel, batch["input_ids"], batch["audio_index"], batch["is_audio"], batch["positions"],
                  mask=mask, groups=batch["input_ids"].shape[0])  # one splice group per row
