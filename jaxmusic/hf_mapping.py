@@ -13,13 +13,13 @@ import numpy as np
 
 # Layouts: how an HF (PyTorch) tensor is rearranged into ours.
 SAME = "same"      # identical shape
-LINEAR = "linear"  # torch Linear weight [out, in] -> kernel [in, out]
+LINEAR = "linear"  # torch Linear weight [out, in] -> kernel [in, out] (the connector's)
 CONV1D = "conv1d"  # torch Conv1d weight [out, in, width] -> kernel [width, in, out]
 
 
 @dataclasses.dataclass(frozen=True)
 class HFTensor:
-    path: tuple[str, ...]  # path in the model's NNX state, e.g. ("layers", "mlp", "up_proj", "kernel")
+    path: tuple[str, ...]  # path in the model's NNX state, e.g. ("layers", "mlp", "up_proj", "weight")
     hf_key: str            # HF name; "{i}" stands for the layer index when `stacked`
     layout: str = SAME
     stacked: bool = False  # one HF tensor per layer, stacked on our leading axis

@@ -19,7 +19,6 @@ from flax import nnx
 from safetensors.torch import load_file
 
 from jaxmusic import checkpoint
-from jaxmusic.hf_mapping import to_ours
 from jaxmusic.models import qwen3, whisper
 from jaxmusic.nn import ModelOptions
 
@@ -189,13 +188,13 @@ def test_plain_orbax_restores_both_parts_and_load_params_feeds_the_model(hf, tmp
                                     nnx.to_pure_dict(state))
     restored = ocp.StandardCheckpointer().restore((ckpt / "params").absolute(), target)
     src = tensors(hf["llm_bf16_sharded"])
-    up = restored["llm"]["layers"]["mlp"]["up_proj"]["kernel"]
+    up = restored["llm"]["layers"]["mlp"]["up_proj"]["weight"]
     for i in range(3):
         hf_up = src[f"model.layers.{i}.mlp.up_proj.weight"].float().numpy()
-        assert np.array_equal(np.asarray(up[i]), to_ours("linear", hf_up))
+        assert np.array_equal(np.asarray(up[i]), hf_up)
     # Stacked arrays are chunked one layer at a time, so export can read a single layer.
     spec = {"driver": "zarr", "kvstore": {"driver": "ocdbt", "base": f"file://{ckpt}/params/",
-                                          "path": "llm.layers.mlp.up_proj.kernel/"}}
+                                          "path": "llm.layers.mlp.up_proj.weight/"}}
     assert ts.open(spec).result().chunk_layout.read_chunk.shape[0] == 1
 
     # load_params -> the nnx model matches transformers on the same weights (float32 compute).
@@ -229,7 +228,7 @@ def test_load_params_refuses_a_model_of_another_size(hf, tmp_path):
     checkpoint.import_hf(ckpt, llm=str(hf["llm_f32"]))
     bigger = qwen3_config().to_dict() | {"num_hidden_layers": 4}
     _, state = abstract_state("llm", bigger)
-    with pytest.raises(checkpoint.ConversionError, match=r"llm\.layers\.mlp\.up_proj\.kernel"):
+    with pytest.raises(checkpoint.ConversionError, match=r"llm\.layers\.mlp\.up_proj\.weight"):
         checkpoint.load_params(ckpt, "llm", state)
 
 

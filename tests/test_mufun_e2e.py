@@ -226,8 +226,8 @@ def test_assemble_from_backbones_initialises_the_connector(released, tmp_path):
         assert np.all(np.asarray(conn[lin]["bias"]) == 0)
         assert abs(float(np.asarray(conn[lin]["kernel"]).std()) - 0.02) < 0.002
     # the backbones are the sources' weights, bit for bit
-    q = np.asarray(loaded.model.llm.layers.self_attn.q_proj.kernel[...])
-    ref = llm.model.layers[1].self_attn.q_proj.weight.detach().numpy().T
+    q = np.asarray(loaded.model.llm.layers.self_attn.q_proj.weight[...])
+    ref = llm.model.layers[1].self_attn.q_proj.weight.detach().numpy()
     assert np.array_equal(q[1], ref)
     mel = inference._request_mels(loaded, inference.Request("q", (str(paths[1]),)))
     assert len(mel) == 1

@@ -128,6 +128,16 @@ def test_kv_cache_matches_full_forward(untied):
         # reached 1.9e-6
         assert np.abs(np.asarray(logits) - np.asarray(full[:, a:b])).max() <= 5e-6
     assert np.asarray(cache["valid"]).sum() == 2 * 12
+    # From a static slot 0 a prompt attends to its own keys, without reading the cache back:
+    # the same logits, and the cache the traced index writes (up to rounding from layer 2 on).
+    logits, static_cache = jax.jit(lambda m, x, p, c: m(x, p, cache=c, cache_index=0))(
+        model, x[:, :5], pos[:, :5], model.init_cache(2, 20))
+    assert np.abs(np.asarray(logits) - np.asarray(full[:, :5])).max() <= 5e-6  # reached 1.4e-6
+    _, traced_cache = step(model, x[:, :5], pos[:, :5], model.init_cache(2, 20), 0)
+    assert np.array_equal(static_cache["valid"], traced_cache["valid"])
+    for key in ("k", "v"):
+        diff = np.abs(np.asarray(static_cache[key]) - np.asarray(traced_cache[key])).max()
+        assert diff <= 5e-6, key  # reached 1.1e-6
 
 
 def test_unrolled_layer_views_match_scan(untied):

@@ -75,11 +75,11 @@ def test_state_shardings_of_the_model():
     shardings = S.state_shardings(state, m)
     specs = {"/".join(p): s.spec for p, s in _flat(shardings).items()}
     assert len(specs) == len(list(nnx.to_flat_state(state)))  # every entry, constants included
-    assert specs["llm/layers/self_attn/q_proj/kernel"] == P(None, "fsdp", "tensor")
-    assert specs["llm/layers/self_attn/o_proj/kernel"] == P(None, "tensor", "fsdp")
-    assert specs["llm/layers/mlp/down_proj/kernel"] == P(None, "tensor", "fsdp")
+    assert specs["llm/layers/self_attn/q_proj/weight"] == P(None, "tensor", "fsdp")
+    assert specs["llm/layers/self_attn/o_proj/weight"] == P(None, "fsdp", "tensor")
+    assert specs["llm/layers/mlp/down_proj/weight"] == P(None, "fsdp", "tensor")
     assert specs["llm/embed_tokens"] == P("tensor", "fsdp")
-    assert specs["llm/lm_head/kernel"] == P("fsdp", "tensor")
+    assert specs["llm/lm_head/weight"] == P("tensor", "fsdp")
     assert specs["llm/layers/self_attn/q_norm/scale"] == P(None, None)
     assert specs["whisper/embed_positions"] == P(None, "fsdp")
     assert specs["whisper/conv2/kernel"] == P(None, "tensor", "fsdp")

@@ -96,7 +96,7 @@ def test_trainable_split_merge_and_schedule():
     spec = ModelSpec.from_stage(C.load(TINY).stages[0])
     _, state = spec.abstract()
     paths = optim.trainable_paths(state, ["^connector/", "^llm/layers/mlp/"])
-    assert ("connector", "linear1", "kernel") in paths and ("llm", "layers", "mlp", "up_proj", "kernel") in paths
+    assert ("connector", "linear1", "kernel") in paths and ("llm", "layers", "mlp", "up_proj", "weight") in paths
     assert not any(p[0] == "whisper" for p in paths)
     all_paths = optim.trainable_paths(state, [".*"])
     assert ("whisper", "embed_positions") not in all_paths  # a Constant, never trainable
@@ -105,7 +105,7 @@ def test_trainable_split_merge_and_schedule():
     params = nnx.to_pure_dict(state)
     a, b = optim.split(params, paths)
     assert jax.tree.structure(optim.merge(a, b)) == jax.tree.structure(params)
-    assert optim.decays(("llm", "lm_head", "kernel")) and not optim.decays(("llm", "norm", "scale"))
+    assert optim.decays(("llm", "lm_head", "weight")) and not optim.decays(("llm", "norm", "scale"))
 
     # transformers' get_cosine_schedule_with_warmup: lr * step / warmup, then half a cosine to 0
     opt = C.OptimizerSection(lr=2e-5, warmup_ratio=0.03)

@@ -45,8 +45,8 @@ def test_one_device_and_eight_device_mesh_agree(tmp_path):
 
     # the 8-device checkpoint restores bit-exactly onto 1 device, and sharded onto 8
     assert res["restore_bit_exact"]
-    assert res["q_proj_spec"] == "P(None, 'fsdp', 'tensor')"
-    assert res["q_proj_shard_shape"] == [2, 16, 32]
+    assert res["q_proj_spec"] == "P(None, 'tensor', 'fsdp')"
+    assert res["q_proj_shard_shape"] == [2, 32, 16]
     shapes = [shape for shape, _ in res["collectives"]]
     assert not any("[8,64," in x or "[16,30," in x for x in shapes), shapes
     assert "all-gather" in {op for _, op in res["collectives"]}
@@ -93,7 +93,7 @@ def _worker(workdir: Path) -> None:
     p8 = ckpts.restore_params(4, with_shardings(abstract, sharding.state_shardings(abstract_state, mesh8)))
     exact = all(np.array_equal(np.asarray(a), np.asarray(b))
                 for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p8)))
-    q_proj = p8["llm"]["layers"]["self_attn"]["q_proj"]["kernel"]
+    q_proj = p8["llm"]["layers"]["self_attn"]["q_proj"]["weight"]
 
     # step 1 by hand: init params, the first two microbatches, one global token mean
     params = random_parts(spec, PARTS, 0, sharding.state_shardings(abstract_state, mesh1))

@@ -8,7 +8,7 @@ RMSNorm -> SwiGLU MLP (`down(silu(gate(x)) * up(x))`) -> residual; final RMSNorm
 
 Logical axis names in the params' `axes` metadata (one layer's shape for stacked params):
 
-    vocab     vocabulary                       embed_tokens.embedding, lm_head.kernel
+    vocab     vocabulary                       embed_tokens, lm_head.weight
     embed     model width (hidden_size)        every projection's input or output side
     heads     fused query heads x head_dim     q_proj out, o_proj in (head-major, so
               (N*H); splitting it evenly       sharding it N ways never cuts a head)
@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxmusic.hf_mapping import LINEAR, HFTensor
+from jaxmusic.hf_mapping import HFTensor
 from jaxmusic.nn import Linear, ModelOptions, RMSNorm, attention, scan_layers, stack_layers
 
 
@@ -126,27 +126,31 @@ def apply_rope(x, cos, sin):
     return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
 
 
-def write_slots(cache, new, index):
-    """Write `new [B, T, K, H]` into a layer's cache `[B*K, S, H]` at slots `[index, index + T)`."""
+def write_slots(cache, new, index, *, axis: int):
+    """Write `new [B, T, K, H]` into a layer's cache at slots `[index, index + T)`.
+
+    Values are `[B*K, S, H]` (slots on axis 1), keys `[B*K, H, S]` (slots on axis 2).
+    """
     b, t, k, h = new.shape
-    rows = new.swapaxes(1, 2).reshape(b * k, t, h)
-    return jax.lax.dynamic_update_slice_in_dim(cache, rows.astype(cache.dtype), index, 1)
+    rows = new.swapaxes(1, 2).reshape(b * k, t, h).astype(cache.dtype)
+    return jax.lax.dynamic_update_slice_in_dim(cache, rows if axis == 1 else rows.swapaxes(1, 2), index, axis)
 
 
 def one_query_attention(q, cache_k, cache_v, allowed):
-    """Attention of a single query per row, `q [B, 1, N, H]`, over a layer's cache `[B*K, S, H]`.
+    """Attention of a single query per row, `q [B, 1, N, H]`, over a layer's cache.
 
-    `allowed` broadcasts to `[B, N, 1, S]`. The math of `jax.nn.dot_product_attention`'s
-    XLA path (float32 scores and softmax, probabilities in the cache dtype, query head
-    `k * G + g` on KV head k), as two batched matmuls over the B*K cache rows, which read
-    the cache where it lies.
+    Keys `[B*K, H, S]`, values `[B*K, S, H]`. `allowed` broadcasts to `[B, N, 1, S]`. The
+    math of `jax.nn.dot_product_attention`'s XLA path (float32 scores and softmax,
+    probabilities in the cache dtype, query head `k * G + g` on KV head k), as two batched
+    matmuls over the B*K cache rows that read the cache where it lies, each contracting
+    a [G, inner] by an [inner, outer] operand.
     """
     b, _, n, h = q.shape
-    rows, s, _ = cache_k.shape
+    rows, _, s = cache_k.shape
     g = n * b // rows
     f32 = jnp.float32
     q = q.reshape(rows, g, h)
-    scores = jnp.einsum("rgh,rsh->rgs", q, cache_k.astype(q.dtype), preferred_element_type=f32)
+    scores = jnp.einsum("rgh,rhs->rgs", q, cache_k.astype(q.dtype), preferred_element_type=f32)
     scores = scores * jnp.array(1 / np.sqrt(h), f32)
     allowed = jnp.broadcast_to(allowed, (b, n, 1, s)).reshape(rows, g, s)
     scores = jnp.where(allowed, scores, -0.7 * jnp.finfo(f32).max)
@@ -160,32 +164,37 @@ class Qwen3Attention(nnx.Module):
         if n % k:
             raise ValueError(f"num_attention_heads={n} is not a multiple of num_key_value_heads={k}")
         lin = dict(use_bias=False, opts=opts, rngs=rngs)
-        self.q_proj = Linear(d, n * h, axes=("embed", "heads"), **lin)
-        self.k_proj = Linear(d, k * h, axes=("embed", "kv_heads"), **lin)
-        self.v_proj = Linear(d, k * h, axes=("embed", "kv_heads"), **lin)
-        self.o_proj = Linear(n * h, d, axes=("heads", "embed"), **lin)
+        self.q_proj = Linear(d, n * h, axes=("heads", "embed"), **lin)
+        self.k_proj = Linear(d, k * h, axes=("kv_heads", "embed"), **lin)
+        self.v_proj = Linear(d, k * h, axes=("kv_heads", "embed"), **lin)
+        self.o_proj = Linear(n * h, d, axes=("embed", "heads"), **lin)
         self.q_norm = RMSNorm(h, eps=cfg.rms_norm_eps, opts=opts, axis_name="head_dim")
         self.k_norm = RMSNorm(h, eps=cfg.rms_norm_eps, opts=opts, axis_name="head_dim")
         self.shape = (n, k, h)
         self.opts = opts
 
     def __call__(self, x, cos, sin, allowed, kv, cache_index):
-        """`kv` is this layer's `(k, v)` cache `[B, S, K, H]` or None; returns (out, new kv)."""
+        """`kv` is this layer's `(k, v)` cache (layouts: `init_cache`) or None; returns (out, new kv)."""
         b, t, _ = x.shape
         n, k, h = self.shape
         q = apply_rope(self.q_norm(self.q_proj(x).reshape(b, t, n, h)), cos, sin)
         key = apply_rope(self.k_norm(self.k_proj(x).reshape(b, t, k, h)), cos, sin)
         value = self.v_proj(x).reshape(b, t, k, h)
-        if kv is None:
-            out = attention(q, key, value, opts=self.opts, mask=allowed, is_causal=True)
+        if kv is not None:
+            kv = (write_slots(kv[0], key, cache_index, axis=2), write_slots(kv[1], value, cache_index, axis=1))
+        if kv is None or (isinstance(cache_index, int) and cache_index == 0):
+            # Written from slot 0, the queries sit in slots [0, T) and see no later slot:
+            # the T new keys are all they can attend to, so a prompt skips the cache's copies.
+            mask = allowed if kv is None else allowed[..., :t]
+            out = attention(q, key, value, opts=self.opts, mask=mask, is_causal=True)
         else:
-            cache_k, cache_v = write_slots(kv[0], key, cache_index), write_slots(kv[1], value, cache_index)
-            kv = (cache_k, cache_v)
+            cache_k, cache_v = kv
             if t == 1 and self.opts.attention != "cudnn":
                 out = one_query_attention(q, cache_k, cache_v, allowed)
                 return self.o_proj(out.reshape(b, t, n * h)), kv
-            # [B*K, S, H] -> [B, S, K, H] (a copy; fine for multi-token prefill chunks)
-            cache_k, cache_v = (c.reshape(b, k, -1, h).swapaxes(1, 2) for c in kv)
+            # -> [B, S, K, H] (copies; fine for multi-token prefill chunks)
+            cache_k = cache_k.reshape(b, k, h, -1).transpose(0, 3, 1, 2)
+            cache_v = cache_v.reshape(b, k, -1, h).swapaxes(1, 2)
             # A cached step has an arbitrary [B, 1, T, S] mask and T != S, a shape cuDNN's
             # fused kernel does not reliably take; XLA handles any shape ("cudnn" if forced).
             opts = self.opts if self.opts.attention != "auto" else dataclasses.replace(self.opts, attention="xla")
@@ -197,9 +206,9 @@ class Qwen3MLP(nnx.Module):
     def __init__(self, cfg: Qwen3Config, opts: ModelOptions, rngs: nnx.Rngs):
         d, m = cfg.hidden_size, cfg.intermediate_size
         lin = dict(use_bias=False, opts=opts, rngs=rngs)
-        self.gate_proj = Linear(d, m, axes=("embed", "mlp"), **lin)
-        self.up_proj = Linear(d, m, axes=("embed", "mlp"), **lin)
-        self.down_proj = Linear(m, d, axes=("mlp", "embed"), **lin)
+        self.gate_proj = Linear(d, m, axes=("mlp", "embed"), **lin)
+        self.up_proj = Linear(d, m, axes=("mlp", "embed"), **lin)
+        self.down_proj = Linear(m, d, axes=("embed", "mlp"), **lin)
 
     def __call__(self, x):
         return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -232,7 +241,7 @@ class Qwen3ForCausalLM(nnx.Module):
         self.layers = stack_layers(cfg.num_hidden_layers, lambda r: Qwen3DecoderLayer(cfg, opts, r), rngs)
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, opts=opts)
         self.lm_head = (None if cfg.tie_word_embeddings else
-                        Linear(cfg.hidden_size, cfg.vocab_size, axes=("embed", "vocab"),
+                        Linear(cfg.hidden_size, cfg.vocab_size, axes=("vocab", "embed"),
                                use_bias=False, opts=opts, rngs=rngs))
 
     def embed(self, input_ids):
@@ -240,17 +249,19 @@ class Qwen3ForCausalLM(nnx.Module):
         return jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(self.opts.dtype)
 
     def init_cache(self, batch: int, max_len: int, dtype=None) -> dict:
-        """Empty KV cache: `k`, `v` `[L, B*K, S, H]` and per-slot `valid` `[B, S]` (all False).
+        """Empty KV cache: `k` `[L, B*K, H, S]`, `v` `[L, B*K, S, H]`, per-slot `valid` `[B, S]` (all False).
 
         Row `b*K + k` of a layer holds batch row b's KV head k over the S slots. Head-major
         rows, so that decoding one token is two plain batched matmuls over the rows: with
         `[B, S, K, H]` XLA:CPU transposed every layer's cache each step, and with a 4-d
         `[B, K, S, H]` (B = 1 reshaped away) it copied the cache instead of updating it in place.
+        Keys are stored slot-minor (`[H, S]` per row) because XLA:CPU's batched matmul
+        contracting both operands' last axes (`q . k` over `[S, H]` keys) ran 2-2.5x slower.
         """
         c = self.cfg
-        shape = (c.num_hidden_layers, batch * c.num_key_value_heads, max_len, c.head_dim)
-        dtype = dtype or self.opts.dtype
-        return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
+        rows, dtype = batch * c.num_key_value_heads, dtype or self.opts.dtype
+        return {"k": jnp.zeros((c.num_hidden_layers, rows, c.head_dim, max_len), dtype),
+                "v": jnp.zeros((c.num_hidden_layers, rows, max_len, c.head_dim), dtype),
                 "valid": jnp.zeros((batch, max_len), bool)}
 
     def hidden(self, inputs_embeds, positions, *, mask=None, valid=None, cache=None, cache_index=None,
@@ -297,9 +308,8 @@ class Qwen3ForCausalLM(nnx.Module):
 
     def logits(self, h):
         """Hidden states `[..., D]` -> logits `[..., V]` in the compute dtype."""
-        if self.lm_head is not None:
-            return self.lm_head(h)
-        table = self.embed_tokens[...].astype(self.opts.dtype)
+        # The tied table and an untied lm_head.weight are both [V, D].
+        table = (self.embed_tokens if self.lm_head is None else self.lm_head.weight)[...].astype(self.opts.dtype)
         h = h.astype(self.opts.dtype)
         rows = int(np.prod(h.shape[:-1]))
         if rows <= 8:
@@ -335,17 +345,16 @@ def hf_tensors(cfg: Qwen3Config) -> list[HFTensor]:
     layer = "model.layers.{i}."
     specs = [HFTensor(("embed_tokens",), "model.embed_tokens.weight")]
     for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-        specs.append(HFTensor(("layers", "self_attn", name, "kernel"), f"{layer}self_attn.{name}.weight",
-                              LINEAR, stacked=True))
+        specs.append(HFTensor(("layers", "self_attn", name, "weight"), f"{layer}self_attn.{name}.weight",
+                              stacked=True))
     for name in ("q_norm", "k_norm"):
         specs.append(HFTensor(("layers", "self_attn", name, "scale"), f"{layer}self_attn.{name}.weight",
                               stacked=True))
     for name in ("gate_proj", "up_proj", "down_proj"):
-        specs.append(HFTensor(("layers", "mlp", name, "kernel"), f"{layer}mlp.{name}.weight",
-                              LINEAR, stacked=True))
+        specs.append(HFTensor(("layers", "mlp", name, "weight"), f"{layer}mlp.{name}.weight", stacked=True))
     for name in ("input_layernorm", "post_attention_layernorm"):
         specs.append(HFTensor(("layers", name, "scale"), f"{layer}{name}.weight", stacked=True))
     specs.append(HFTensor(("norm", "scale"), "model.norm.weight"))
     if not cfg.tie_word_embeddings:
-        specs.append(HFTensor(("lm_head", "kernel"), "lm_head.weight", LINEAR))
+        specs.append(HFTensor(("lm_head", "weight"), "lm_head.weight"))
     return specs

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxmusic.hf_mapping import CONV1D, LINEAR, SAME, HFTensor
+from jaxmusic.hf_mapping import CONV1D, SAME, HFTensor
 from jaxmusic.nn import LayerNorm, Linear, ModelOptions, attention, scan_layers, stack_layers
 
 # Where the encoder's tensors live in each HF class's state dict:
@@ -141,11 +141,11 @@ class Conv1d(nnx.Module):
 class SelfAttention(nnx.Module):
     def __init__(self, cfg: WhisperEncoderConfig, opts: ModelOptions, rngs: nnx.Rngs):
         d = cfg.d_model
-        self.q_proj = Linear(d, d, axes=("embed", "heads"), use_bias=True, opts=opts, rngs=rngs)
+        self.q_proj = Linear(d, d, axes=("heads", "embed"), use_bias=True, opts=opts, rngs=rngs)
         # Whisper's k_proj has no bias (a key bias would only shift all logits of a query equally).
-        self.k_proj = Linear(d, d, axes=("embed", "heads"), use_bias=False, opts=opts, rngs=rngs)
-        self.v_proj = Linear(d, d, axes=("embed", "heads"), use_bias=True, opts=opts, rngs=rngs)
-        self.out_proj = Linear(d, d, axes=("heads", "embed"), use_bias=True, opts=opts, rngs=rngs)
+        self.k_proj = Linear(d, d, axes=("heads", "embed"), use_bias=False, opts=opts, rngs=rngs)
+        self.v_proj = Linear(d, d, axes=("heads", "embed"), use_bias=True, opts=opts, rngs=rngs)
+        self.out_proj = Linear(d, d, axes=("embed", "heads"), use_bias=True, opts=opts, rngs=rngs)
         self.num_heads = cfg.encoder_attention_heads
         self.head_dim = cfg.head_dim
         self.opts = opts
@@ -165,9 +165,9 @@ class EncoderBlock(nnx.Module):
         self.self_attn_layer_norm = LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps, opts=opts)
         self.self_attn = SelfAttention(cfg, opts, rngs)
         self.final_layer_norm = LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps, opts=opts)
-        self.fc1 = Linear(cfg.d_model, cfg.encoder_ffn_dim, axes=("embed", "mlp"), use_bias=True,
+        self.fc1 = Linear(cfg.d_model, cfg.encoder_ffn_dim, axes=("mlp", "embed"), use_bias=True,
                           opts=opts, rngs=rngs)
-        self.fc2 = Linear(cfg.encoder_ffn_dim, cfg.d_model, axes=("mlp", "embed"), use_bias=True,
+        self.fc2 = Linear(cfg.encoder_ffn_dim, cfg.d_model, axes=("embed", "mlp"), use_bias=True,
                           opts=opts, rngs=rngs)
 
     def __call__(self, x):
@@ -228,14 +228,14 @@ def hf_tensors(cfg: WhisperEncoderConfig) -> list[HFTensor]:
     layer = lambda path, key, layout=SAME: HFTensor(("layers",) + path, "layers.{i}." + key, layout,
                                                      stacked=True)
     for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
-        specs.append(layer(("self_attn", proj, "kernel"), f"self_attn.{proj}.weight", LINEAR))
+        specs.append(layer(("self_attn", proj, "weight"), f"self_attn.{proj}.weight"))
         if proj != "k_proj":
             specs.append(layer(("self_attn", proj, "bias"), f"self_attn.{proj}.bias"))
     for norm in ("self_attn_layer_norm", "final_layer_norm"):
         specs.append(layer((norm, "scale"), f"{norm}.weight"))
         specs.append(layer((norm, "bias"), f"{norm}.bias"))
     for fc in ("fc1", "fc2"):
-        specs.append(layer((fc, "kernel"), f"{fc}.weight", LINEAR))
+        specs.append(layer((fc, "weight"), f"{fc}.weight"))
         specs.append(layer((fc, "bias"), f"{fc}.bias"))
     specs.append(HFTensor(("layer_norm", "scale"), "layer_norm.weight"))
     specs.append(HFTensor(("layer_norm", "bias"), "layer_norm.bias"))

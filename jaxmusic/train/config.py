@@ -97,7 +97,7 @@ class OptimizerSection:
     warmup_ratio: float = 0.03       # of the stage's steps, rounded up (as transformers' Trainer)
     warmup_steps: int | None = None  # overrides warmup_ratio
     end_lr_ratio: float = 0.0        # final lr / peak lr
-    # {regex: factor}: a trainable parameter whose path (e.g. whisper/layers/fc1/kernel) the
+    # {regex: factor}: a trainable parameter whose path (e.g. whisper/layers/fc1/weight) the
     # first listed regex matches learns at factor x lr (weight decay scales with it), like
     # TinyLLaVA's vision_tower_lr / mm_projector_lr; the rest at lr.
     lr_scales: dict = dataclasses.field(default_factory=dict)
