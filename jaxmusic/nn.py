@@ -11,7 +11,9 @@ Conventions every model in `jaxmusic.models` follows:
   load as they are. On XLA:CPU a one-token (matrix-vector) step also reads a
   weight ~1.3x faster this way, every output a dot product over a contiguous row
   (`bench/RESULTS.md`, "Generation"); on GPUs either layout is one cuBLAS call.
-  The HF name mapping next to each model says how every tensor is laid out.
+  The HF name mapping next to each model says how every tensor is laid out. (The
+  MuFun connector, a pure function in `mufun.py`, keeps Flax's `kernel [in, out]`: the
+  param's name says its layout.)
 * Layers are built with `nnx.vmap` into one module whose arrays carry a leading
   layer axis, and run with `scan_layers`. The logical `axes` of a stacked param
   describe one layer; the layer axis is implied by the param living under a
