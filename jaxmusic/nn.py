@@ -9,7 +9,7 @@ Conventions every model in `jaxmusic.models` follows:
   decide placement once, outside the model.
 * Linear weights are stored `[out, in]`, PyTorch's layout, so HF Linear tensors
   load as they are. On XLA:CPU a one-token (matrix-vector) step also reads a
-  weight ~1.3x faster this way, every output a dot product over a contiguous row
+  weight 1.1-1.5x faster this way, every output a dot product over a contiguous row
   (`bench/RESULTS.md`, "Generation"); on GPUs either layout is one cuBLAS call.
   The HF name mapping next to each model says how every tensor is laid out. (The
   MuFun connector, a pure function in `mufun.py`, keeps Flax's `kernel [in, out]`: the
