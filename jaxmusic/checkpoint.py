@@ -22,11 +22,12 @@ database plus Orbax's metadata files), with two deliberate departures Orbax read
   stacked parameter would have to exist in memory in full);
 * no compression, and transposed kernels stored in Fortran order: HF stores the connector's
   Linear weights and Whisper's Conv1d weights as the full axis reversal of our kernels, so
-  such a kernel in F order has the very bytes of the HF tensor in C order (the other Linear
-  weights are stored `[out, in]` as in HF, so they are plain C-order copies). Conversion then never transposes or compresses;
-  on a 2-core machine either one alone capped it at 80-200 MB/s (Orbax's default zstd
-  would save disk space, but it also made restoring 1.8x slower there). Restoring decodes
-  F-order chunks into C-order arrays, in parallel across chunks, transparently for Orbax.
+  such a kernel in F order has the very bytes of the HF tensor in C order (other Linear
+  weights are `[out, in]` as in HF: plain C-order copies). Conversion then never transposes
+  or compresses; on a 2-core machine either one alone capped it at 80-200 MB/s (Orbax's
+  default zstd would save disk space, but it also made restoring 1.8x slower there).
+  Restoring decodes F-order chunks into C-order arrays, in parallel across chunks,
+  transparently for Orbax.
 
 Row blocks map to chunks because every HF<->ours layout is a full axis reversal or the
 identity: HF rows (axis 0) are our first axis (SAME) or our last.
