@@ -29,7 +29,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from jaxmusic.safetensors_io import (HFWeights, SafetensorsWriter, plan_shards,  # noqa: E402
+from jaxmusic.checkpoints.safetensors import (HFWeights, SafetensorsWriter, plan_shards,  # noqa: E402
                                      shard_file_names, write_index)
 
 QWEN3_8B = {

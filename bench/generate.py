@@ -98,7 +98,7 @@ def main():
     from flax import nnx
 
     from jaxmusic.generate import generate
-    from jaxmusic.hf_mapping import load_hf_weights
+    from jaxmusic.models.hf_mapping import load_hf_weights
     from jaxmusic.models.qwen3 import Qwen3Config, Qwen3ForCausalLM, hf_tensors
     from jaxmusic.nn import ModelOptions
 

@@ -30,13 +30,14 @@ sys.path.insert(0, str(REPO))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from jaxmusic.hf_mapping import hf_weights  # noqa: E402
+from jaxmusic.models.hf_mapping import hf_weights  # noqa: E402
 from jaxmusic.models import qwen3  # noqa: E402
 from jaxmusic.train import config as config_lib  # noqa: E402
 from jaxmusic.train import metrics as metrics_lib  # noqa: E402
 from jaxmusic.train.batches import make_source, next_batch  # noqa: E402
-from jaxmusic.train.step import token_nll  # noqa: E402
-from jaxmusic.train.trainer import CHUNK_SECONDS, audio_chunks, setup  # noqa: E402
+from jaxmusic.losses import next_token_log_probs  # noqa: E402
+from jaxmusic.audio import CHUNK_SECONDS  # noqa: E402
+from jaxmusic.train.trainer import audio_chunks, setup  # noqa: E402
 
 TEXT_KEYS = ("input_ids", "labels", "positions", "attention_mask", "is_audio")
 
@@ -44,8 +45,8 @@ TEXT_KEYS = ("input_ids", "labels", "positions", "attention_mask", "is_audio")
 def text_only_loss(model, batch):
     """Cross-entropy of the LLM on the token ids alone (audio positions hold pad ids)."""
     logits, _ = model.llm(model.llm.embed(batch["input_ids"]), batch["positions"])
-    nll, valid = token_nll(logits, batch["labels"])
-    return nll.sum(), valid.sum().astype(np.float32), {}
+    logp, valid = next_token_log_probs(logits, batch["labels"])
+    return -logp.sum(), valid.sum().astype(np.float32), {}
 
 
 def time_steps(runs: dict, n: int) -> tuple[dict, dict]:

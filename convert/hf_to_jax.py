@@ -6,10 +6,11 @@
 --whisper takes a WhisperForConditionalGeneration, WhisperModel or bare WhisperEncoder folder
 (only the encoder is kept); --llm a Qwen3ForCausalLM folder. Given both, the result is a new
 whole MuFun: the two backbones plus a freshly initialised connector (init and fusion layers
-from --mufun-config, default configs/mufun.yaml); given one, a backbone-only checkpoint.
+from --mufun-config, default jaxmusic/configs/mufun.yaml); given one, a backbone-only checkpoint.
 --mufun imports a released MuFun folder (model_type "tinyllava"). --dtype is the
 checkpoint's parameter dtype: float32 (default, the master weights training updates) or
-bfloat16. See `jaxmusic.checkpoint` and `jaxmusic.mufun_checkpoint` for the layouts.
+bfloat16. See `jaxmusic.checkpoints` for the layouts. Exit codes: 0 done, 1 failure
+(disk full, ...), 2 bad input (nothing is written).
 """
 
 import argparse
@@ -18,8 +19,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable from a source checkout
 
-from jaxmusic.checkpoint import CKPT_DTYPES, ConversionError, import_hf, run_cli  # noqa: E402
-from jaxmusic.mufun_checkpoint import assemble, import_mufun  # noqa: E402
+from jaxmusic.checkpoints import CKPT_DTYPES, ConversionError, assemble, import_hf, import_mufun  # noqa: E402
+from jaxmusic.checkpoints.streaming import tune_malloc_for_streaming  # noqa: E402
+from jaxmusic.errors import run_command  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -27,7 +29,7 @@ def main(argv=None) -> int:
     parser.add_argument("--whisper", metavar="HF_DIR", help="Whisper model folder (encoder kept)")
     parser.add_argument("--llm", metavar="HF_DIR", help="Qwen3ForCausalLM model folder")
     parser.add_argument("--mufun", metavar="HF_DIR", help="released MuFun folder (model_type tinyllava)")
-    parser.add_argument("--mufun-config", metavar="YAML", help="MuFun glue settings (default configs/mufun.yaml)")
+    parser.add_argument("--mufun-config", metavar="YAML", help="MuFun glue settings (default jaxmusic/configs/mufun.yaml)")
     parser.add_argument("--out", metavar="CKPT", required=True, help="checkpoint folder to create")
     parser.add_argument("--dtype", choices=CKPT_DTYPES, default="float32",
                         help="checkpoint parameter dtype (default float32: training master weights)")
@@ -37,13 +39,16 @@ def main(argv=None) -> int:
         if args.mufun and (args.whisper or args.llm):
             raise ConversionError("--mufun imports a whole model; don't combine it with --whisper/--llm")
         if args.mufun:
-            return import_mufun(args.out, args.mufun, mufun_config=args.mufun_config, dtype=args.dtype)
-        if args.whisper and args.llm:
-            return assemble(args.out, whisper=args.whisper, llm=args.llm, mufun_config=args.mufun_config,
-                            dtype=args.dtype)
-        return import_hf(args.out, whisper=args.whisper, llm=args.llm, dtype=args.dtype)
+            stats = import_mufun(args.out, args.mufun, mufun_config=args.mufun_config, dtype=args.dtype)
+        elif args.whisper and args.llm:
+            stats = assemble(args.out, whisper=args.whisper, llm=args.llm, mufun_config=args.mufun_config,
+                             dtype=args.dtype)
+        else:
+            stats = import_hf(args.out, whisper=args.whisper, llm=args.llm, dtype=args.dtype)
+        print(stats.summary())
 
-    return run_cli(convert)
+    tune_malloc_for_streaming()
+    return run_command(convert)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ WhisperForConditionalGeneration names; with --whisper-source (the original Whisp
 its decoder is copied in unchanged, making a complete model. Without it the folder holds
 the encoder only: transformers loads it as WhisperForConditionalGeneration with a freshly
 initialised decoder (and says so in a warning), fine for using `model.model.encoder`.
+Exit codes: 0 done, 1 failure (disk full, ...), 2 bad input (nothing is written).
 """
 
 import argparse
@@ -20,16 +21,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable from a source checkout
 
-from jaxmusic.checkpoint import PARTS, export_hf, read_meta, run_cli  # noqa: E402
-from jaxmusic.mufun_checkpoint import export_mufun  # noqa: E402
-from jaxmusic.safetensors_io import parse_size  # noqa: E402
+from jaxmusic.checkpoints import export_hf, export_mufun, parse_size, read_meta  # noqa: E402
+from jaxmusic.checkpoints.streaming import tune_malloc_for_streaming  # noqa: E402
+from jaxmusic.errors import run_command  # noqa: E402
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("ckpt", metavar="CKPT", help="jaxmusic checkpoint folder")
     parser.add_argument("--out", metavar="HF_DIR", required=True, help="folder to create")
-    parser.add_argument("--part", choices=("mufun",) + PARTS,
+    parser.add_argument("--part", choices=("mufun", "whisper", "llm"),
                         help="what to export (default: mufun for a whole-MuFun checkpoint)")
     parser.add_argument("--whisper-source", metavar="HF_DIR",
                         help="original Whisper folder whose decoder is copied in (--part whisper)")
@@ -45,11 +46,14 @@ def main(argv=None) -> int:
         if part is None:
             parser.error("--part llm|whisper is needed for a checkpoint that is not a whole MuFun")
         if part == "mufun":
-            return export_mufun(args.ckpt, args.out, max_shard_size=max_shard)
-        return export_hf(args.ckpt, args.out, part, whisper_source=args.whisper_source,
-                         max_shard_size=max_shard)
+            stats = export_mufun(args.ckpt, args.out, max_shard_size=max_shard)
+        else:
+            stats = export_hf(args.ckpt, args.out, part, whisper_source=args.whisper_source,
+                              max_shard_size=max_shard)
+        print(stats.summary())
 
-    return run_cli(convert)
+    tune_malloc_for_streaming()
+    return run_command(convert)
 
 
 if __name__ == "__main__":

@@ -6,11 +6,11 @@ import argparse
 import json
 import sys
 
-from jaxmusic.errors import UserError
+from jaxmusic.errors import EXIT_USER_ERROR, UserError, run_command
 
 
 def _smoke(args) -> None:
-    from jaxmusic import smoke
+    from jaxmusic.demo import smoke
 
     smoke.run(seconds=args.seconds)
 
@@ -111,7 +111,7 @@ def _add_model_args(p):
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                    help="parameter and compute dtype (bfloat16 halves memory on GPUs)")
     p.add_argument("--mufun-config", metavar="YAML",
-                   help="glue settings used when importing a released folder (default configs/mufun.yaml)")
+                   help="glue settings used when importing a released folder (default jaxmusic/configs/mufun.yaml)")
 
 
 INTERMIXED = ("ask", "score")  # commands whose positional question may come after options
@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         if argv[0] == "data":  # the only data subcommand so far
             if not rest or rest[0] != "check":
                 print("usage: jaxmusic data check MANIFEST [...] --audio-root DIR [options]", file=sys.stderr)
-                return 2
+                return EXIT_USER_ERROR
             rest = rest[1:]
         return importlib.import_module(DELEGATED[argv[0]][0]).main(rest)
     parser = build_parser()
@@ -178,15 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         args = commands[argv[0]].parse_intermixed_args(argv[1:])
     else:
         args = parser.parse_args(argv)
-    try:
-        args.func(args)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    return 0
+    return run_command(lambda: args.func(args))
 
 
 if __name__ == "__main__":

@@ -41,21 +41,11 @@ from typing import Sequence
 import numpy as np
 
 from jaxmusic import templates
-from jaxmusic.errors import UserError
+from jaxmusic.errors import UserError, run_command
 
-PROMPT_PREFIX = "Choose the correct option for the question based on the audio. "
-LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+LETTERS = templates.LETTERS
 MAX_NEW_TOKENS = 64
 MODES = ("generate", "loglik")
-
-
-def choices_text(choices: Sequence[str]) -> str:
-    return "\n".join(f"{LETTERS[i]}. {c}" for i, c in enumerate(choices))
-
-
-def mucue_prompt(question: str, choices: Sequence[str]) -> str:
-    """MuCUE's prompt: fixed instruction, the question, a space, the lettered choices."""
-    return PROMPT_PREFIX + question + " " + choices_text(choices)
 
 
 # ------------------------------------------------------------------------------ extraction
@@ -227,12 +217,12 @@ def _generate(loaded, items: Sequence[Item], mels, batch_size: int) -> list[str]
     from jaxmusic.generate import generate
 
     tok = loaded.tokenizer
-    texts = [templates.encode_prompt(mucue_prompt(it.question, it.choices), len(it.audio), tok) for it in items]
+    texts = [templates.encode_prompt(templates.mucue_prompt(it.question, it.choices), len(it.audio), tok) for it in items]
     # generate compiles per batch size: pad with text-only rows, which cost the encoder nothing
     pad = batch_size - len(items)
     filler = templates.encode_prompt(".", 0, tok)
-    plan, chunks = inference._layout(loaded, texts + [filler] * pad, list(mels) + [[]] * pad)
-    embeds = inference._embed(loaded.model, chunks, np.asarray(plan.input_ids), np.asarray(plan.audio_index),
+    plan, chunks = inference.layout_batch(loaded, texts + [filler] * pad, list(mels) + [[]] * pad)
+    embeds = inference.embed_batch(loaded.model, chunks, np.asarray(plan.input_ids), np.asarray(plan.audio_index),
                               np.asarray(plan.is_audio))
     out = generate(nnx.split(loaded.model.llm), embeds, plan.lengths, max_new_tokens=MAX_NEW_TOKENS,
                    temperature=0.0, stop_ids=loaded.stop_ids)
@@ -243,9 +233,10 @@ def _generate(loaded, items: Sequence[Item], mels, batch_size: int) -> list[str]
 @functools.cache
 def _option_logprobs():
     """The jitted scorer, built on first use so that importing this module does not import JAX."""
-    import jax
     import jax.numpy as jnp
     from flax import nnx
+
+    from jaxmusic.losses import token_log_probs
 
     @nnx.jit
     def option_logprobs(model, mel, input_ids, audio_index, is_audio, positions, valid, label_pos, label_ids):
@@ -253,20 +244,19 @@ def _option_logprobs():
         embeds = model.inputs_embeds(mel, input_ids, audio_index, is_audio)
         h, _ = model.llm.hidden(embeds, positions, valid=valid)
         h = jnp.take_along_axis(h, label_pos[..., None], axis=1)                  # [R, K, D]
-        logp = jax.nn.log_softmax(model.llm.logits(h).astype(jnp.float32), axis=-1)
-        return jnp.take_along_axis(logp, label_ids[..., None], axis=-1)[..., 0]   # [R, K]
+        return token_log_probs(model.llm.logits(h), label_ids)                    # [R, K]
 
     return option_logprobs
 
 
 def _loglik(loaded, items: Sequence[Item], mels, batch_size: int) -> list[list[float]]:
     """Total log p of every option of every item, each item's audio encoded once for all its options."""
-    from jaxmusic import mufun
+    from jaxmusic.models import splice_plan
 
     tok, cfg = loaded.tokenizer, loaded.cfg
     texts, owner = [], []
     for j, it in enumerate(items):
-        prompt = mucue_prompt(it.question, it.choices)
+        prompt = templates.mucue_prompt(it.question, it.choices)
         texts += [templates.encode_scoring(prompt, c, len(it.audio), tok) for c in it.choices]
         owner += [j] * len(it.choices)
     # rows padded (with copies of row 0) to a size that is the same for every full batch
@@ -275,7 +265,7 @@ def _loglik(loaded, items: Sequence[Item], mels, batch_size: int) -> list[list[f
     owner += [0] * pad
     counts = [[len(m) for m in mels[j]] for j in owner]
     tpc = cfg.tokens_per_chunk(loaded.frames // 2)
-    plan = mufun.build_splice_plan(texts + texts[:1] * pad, counts, tokens_per_chunk=tpc,
+    plan = splice_plan.build_splice_plan(texts + texts[:1] * pad, counts, tokens_per_chunk=tpc,
                                    length_buckets=cfg.length_buckets, chunk_buckets=cfg.chunk_buckets,
                                    pad_id=tok.pad_token_id or 0)
     # build_splice_plan gives every row its own copy of the chunks; point all option rows of
@@ -285,7 +275,7 @@ def _loglik(loaded, items: Sequence[Item], mels, batch_size: int) -> list[list[f
     item_first = np.concatenate([[0], np.cumsum(item_chunks)[:-1]])
     shift = (row_first - item_first[owner]) * tpc
     audio_index = np.where(plan.is_audio, plan.audio_index - shift[:, None], 0).astype(np.int32)
-    chunks = np.zeros((mufun.pick_bucket(max(sum(item_chunks), 1), cfg.chunk_buckets, "audio chunks per batch"),
+    chunks = np.zeros((splice_plan.pick_bucket(max(sum(item_chunks), 1), cfg.chunk_buckets, "audio chunks per batch"),
                        loaded.n_mels, loaded.frames), np.float32)
     if sum(item_chunks):
         chunks[:sum(item_chunks)] = np.concatenate([m for ms in mels for m in ms])
@@ -310,7 +300,7 @@ def _loglik(loaded, items: Sequence[Item], mels, batch_size: int) -> list[list[f
 
 # ------------------------------------------------------------------------------ running
 
-def _prepare(loaded, item: Item, mode: str):
+def prepare_item(loaded, item: Item, mode: str):
     """`(log-mel chunks per audio file, None)`, or `(None, reason)` for an item to skip.
 
     Skipped: audio that cannot be read, decoded or cropped, and an item too long for the
@@ -320,11 +310,11 @@ def _prepare(loaded, item: Item, mode: str):
 
     try:
         request = inference.Request(question=item.question, audio=item.audio, segments=item.segments)
-        mels = inference._request_mels(loaded, request)
+        mels = inference.request_mels(loaded, request)
     except (UserError, OSError, RuntimeError, ValueError) as e:  # AudioError is a UserError
         return None, f"{type(e).__name__}: {e}" if not isinstance(e, UserError) else str(e)
     tok, cfg = loaded.tokenizer, loaded.cfg
-    prompt = templates.encode_prompt(mucue_prompt(item.question, item.choices), len(item.audio), tok)
+    prompt = templates.encode_prompt(templates.mucue_prompt(item.question, item.choices), len(item.audio), tok)
     answer = 1 + (max(len(tok(c, add_special_tokens=False)["input_ids"]) for c in item.choices)
                   if mode == "loglik" else 0)
     n_chunks = sum(map(len, mels))
@@ -489,7 +479,7 @@ def run(checkpoint: str, benchmark: str, *, audio_root: str | None = None, mode:
             tqdm(total=len(items), initial=len(items) - len(todo), desc=f"eval ({mode})", unit="item",
                  disable=not progress) as bar:
         def prepare(batch):
-            return [_prepare(loaded, it, mode) for it in batch]
+            return [prepare_item(loaded, it, mode) for it in batch]
 
         upcoming = pool.submit(prepare, batches[0]) if batches else None
         for b, batch in enumerate(batches):
@@ -533,16 +523,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="jaxmusic eval", description=__doc__.split("\n\n")[0])
     add_arguments(parser)
     args = parser.parse_args(argv)
-    try:
+
+    def evaluate():
         summary = run(args.checkpoint, args.benchmark, audio_root=args.audio_root, mode=args.mode,
                       limit=args.limit, out=args.out, batch_size=args.batch_size, dtype=args.dtype)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(format_table(summary))
-    print(f"results: {Path(summary['out']) / 'results.json'}, chart: {Path(summary['out']) / 'accuracy.png'}, "
-          f"per item: {Path(summary['out']) / 'items.jsonl'}")
-    return 0
+        print(format_table(summary))
+        out = Path(summary["out"])
+        print(f"results: {out / 'results.json'}, chart: {out / 'accuracy.png'}, per item: {out / 'items.jsonl'}")
+
+    return run_command(evaluate)
 
 
 if __name__ == "__main__":

@@ -12,15 +12,16 @@ handful of shapes, the prompt length is padded up to a multiple of `bucket` (def
 prompt length inside the same bucket reuses the compiled code. Batch size is not
 bucketed: callers that vary it should pad the batch themselves (e.g. with length-1 rows).
 
-Layer weights on CPU: the model keeps each weight stacked over layers (`[L, ...]`) for a
-scanned layer loop, but XLA:CPU copies a layer's slice out of the stack before every
-matmul, tripling the memory traffic of a decode step, which is bound by reading the
-weights. So on CPU, `layer_views` turns the stacks into per-layer arrays that alias the
-same memory (no copy), and both jitted functions run the layers as an unrolled loop over
-them, with a per-layer KV cache that each donated decode step updates in place. The
-price is compilation: XLA compiles every layer instead of one scanned body (for the
-0.6B benchmark ~6 s prefill + ~10 s decode, once per shape). On other backends such
-views would be copies, so the scan stays there.
+CPU fast path (`unrolled`, on by default where it applies): the model keeps each weight
+stacked over layers (`[L, ...]`) for its scanned layer loop, but XLA:CPU copies a layer's
+slice out of the stack before every matmul, which multiplies the memory traffic of a decode
+step, a step bound by reading the weights. So on CPU, `layer_views` turns the stacks into
+per-layer arrays that alias the same memory (no copy), both jitted functions run the
+model's own layers as an unrolled loop over them with a per-layer KV cache that each
+donated decode step updates in place, and the logits are a matrix-vector product over the
+output table. The price is compilation: XLA compiles every layer instead of one scanned
+body. On other backends such views would be copies, so the scan stays there.
+(`bench/RESULTS.md`, "Generation", has the measurements.)
 
 Cache layout: row b's prompt fills slots `[0, len_b)`, slots `[len_b, T_pad)` are
 invalid holes, and generated token i of every row lives in slot `T_pad + i` with RoPE
@@ -84,6 +85,34 @@ def layer_views(layers_state) -> list | None:
             for i in range(leaves[0].shape[0])]
 
 
+def hidden_states(model, layer_params, embeds, positions, **kw):
+    """`model.hidden`, or with per-layer params the same layers as an unrolled loop.
+
+    In the unrolled form the cache's `k` and `v` are per-layer lists (a stacked cache is
+    accepted as input), so a donated per-layer cache is updated in place, not re-stacked.
+    """
+    if layer_params is None:
+        return model.hidden(embeds, positions, **kw)
+    cache, cache_index = kw["cache"], kw["cache_index"]
+    cos, sin, allowed, slot_valid = model.layer_inputs(positions, **kw)
+    graphdef = nnx.graphdef(model.layers)
+    x, ks, vs = embeds.astype(model.opts.dtype), [], []
+    for i, params in enumerate(layer_params):
+        x, (k, v) = nnx.merge(graphdef, params)(x, cos, sin, allowed, (cache["k"][i], cache["v"][i]), cache_index)
+        ks.append(k)
+        vs.append(v)
+    return model.norm(x), {"k": ks, "v": vs, "valid": slot_valid}
+
+
+def _logits(model, h, unrolled: bool):
+    """Logits of `h [B, D]`; unrolled (CPU): `table @ h.T`, XLA:CPU's matrix-vector kernel,
+    where `h @ table.T` became a loop fusion that streams the table slower."""
+    if not unrolled:
+        return model.logits(h)
+    table = model.output_table().astype(model.opts.dtype)
+    return jnp.dot(table, h.astype(model.opts.dtype).T).T
+
+
 def _merge(graphdef, treedef, leaves):
     """The model and its per-layer params (or None) from the flat leaves `generate` passes."""
     state, layer_params = jax.tree.unflatten(treedef, leaves)
@@ -96,10 +125,10 @@ def _prefill(graphdef, treedef, leaves, embeds, lengths, temperature, top_p, key
     b, t, _ = embeds.shape
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     cache = model.init_cache(b, cache_len)
-    h, cache = model.hidden(embeds, positions, valid=positions < lengths[:, None],
-                            cache=cache, cache_index=0, layer_params=layer_params)
-    last = jnp.take_along_axis(h, (lengths - 1)[:, None, None], axis=1)  # [B, 1, D]
-    logits = model.logits(last)[:, 0]
+    h, cache = hidden_states(model, layer_params, embeds, positions, valid=positions < lengths[:, None],
+                       cache=cache, cache_index=0)
+    last = jnp.take_along_axis(h, (lengths - 1)[:, None, None], axis=1)[:, 0]  # [B, D]
+    logits = _logits(model, last, layer_params is not None)
     return pick_tokens(logits, temperature, top_p, jax.random.fold_in(key, 0), greedy=greedy), cache
 
 
@@ -108,14 +137,14 @@ def _decode(graphdef, treedef, leaves, cache, tokens, lengths, prompt_slots, ste
             greedy):
     """Feed generated token `step` (0-based) of every row; pick token `step + 1`."""
     model, layer_params = _merge(graphdef, treedef, leaves)
-    h, cache = model.hidden(model.embed(tokens[:, None]), (lengths + step)[:, None], cache=cache,
-                            cache_index=prompt_slots + step, layer_params=layer_params)
-    logits = model.logits(h[:, 0])
+    h, cache = hidden_states(model, layer_params, model.embed(tokens[:, None]), (lengths + step)[:, None],
+                       cache=cache, cache_index=prompt_slots + step)
+    logits = _logits(model, h[:, 0], layer_params is not None)
     return pick_tokens(logits, temperature, top_p, jax.random.fold_in(key, step + 1), greedy=greedy), cache
 
 
 def generate(model, inputs_embeds, prompt_lengths, *, max_new_tokens: int, temperature: float = 0.0,
-             top_p: float = 1.0, seed: int = 0, stop_ids=(), bucket: int = 64,
+             top_p: float = 1.0, seed: int = 0, stop_ids=(), bucket: int = 64, unrolled: bool = True,
              on_token: Callable[[int, np.ndarray], None] | None = None) -> list[list[int]]:
     """Generate up to `max_new_tokens` per row of a right-padded prompt batch.
 
@@ -126,6 +155,7 @@ def generate(model, inputs_embeds, prompt_lengths, *, max_new_tokens: int, tempe
       restricted to the top-p nucleus, with `jax.random.key(seed)`.
     stop_ids: a row stops after emitting any of these (e.g. `<|im_end|>` and EOS); the stop
       token is included in its output, as transformers does.
+    unrolled: the CPU fast path (module docstring) where it applies; False always scans.
     on_token(step, ids): called once per step with an int array `[B]` of the new tokens,
       -1 for rows that had already stopped.
     Returns the generated ids of each row.
@@ -151,7 +181,8 @@ def generate(model, inputs_embeds, prompt_lengths, *, max_new_tokens: int, tempe
 
     # Flattened once here, so a step's dispatch takes a plain list of arrays instead of
     # walking hundreds of nnx Variables in Python (on 2 cores that steals from XLA).
-    leaves, treedef = jax.tree.flatten((state, layer_views(state["layers"])))
+    views = layer_views(state["layers"]) if unrolled else None
+    leaves, treedef = jax.tree.flatten((state, views))
     lengths_dev = jnp.asarray(lengths)
     tokens, cache = _prefill(graphdef, treedef, leaves, embeds, lengths_dev, **sampling,
                              cache_len=round_up(t_pad + max_new_tokens, bucket), greedy=greedy)

@@ -2,7 +2,7 @@
 
 A request is some audio files (each with an optional `[start, end]` crop) and a question.
 The host decodes and chunks the audio, renders the `qwen2_instruct` prompt and lays the
-batch out with `mufun.build_splice_plan` (lengths and chunk counts in buckets, so new
+batch out with `splice_plan.build_splice_plan` (lengths and chunk counts in buckets, so new
 inputs rarely compile anew); the device computes the spliced embeddings in one jitted
 call and `jaxmusic.generate` runs the KV-cache decode loop.
 """
@@ -21,15 +21,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxmusic import audio, mufun, templates
+from jaxmusic import audio, templates
 from jaxmusic.errors import UserError
 from jaxmusic.generate import generate
-from jaxmusic.model import MuFun, token_log_likelihoods
+from jaxmusic.losses import next_token_log_probs
+from jaxmusic.models import mufun, splice_plan
+from jaxmusic.models.mufun import MuFun
 from jaxmusic.models.qwen3 import Qwen3Config
 from jaxmusic.models.whisper import WhisperEncoderConfig
 from jaxmusic.nn import ModelOptions
-
-HOP = 160  # Whisper's STFT hop: encoder input frames x HOP = samples per chunk
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,13 +77,13 @@ def _released_cache(folder: Path) -> Path:
 
 def resolve_checkpoint(path: str | os.PathLike, mufun_config: str | None = None) -> Path:
     """A jaxmusic checkpoint folder for `path`, importing a released MuFun folder if needed
-    (with the glue settings of `mufun_config`, default configs/mufun.yaml)."""
-    from jaxmusic import checkpoint
+    (with the glue settings of `mufun_config`, default jaxmusic/configs/mufun.yaml)."""
+    from jaxmusic import checkpoints
 
     folder = Path(path)
     if not folder.is_dir():
         raise UserError(f"{path}: no such checkpoint folder")
-    if (folder / checkpoint.META_FILE).is_file():
+    if (folder / checkpoints.META_FILE).is_file():
         return folder
     config = folder / "config.json"
     if config.is_file():
@@ -93,13 +93,11 @@ def resolve_checkpoint(path: str | os.PathLike, mufun_config: str | None = None)
             model_type = None
         if model_type == "tinyllava":
             cached = _released_cache(folder)
-            if not (cached / checkpoint.META_FILE).is_file():
+            if not (cached / checkpoints.META_FILE).is_file():
                 print(f"importing released MuFun folder {folder} into {cached} (once)")
-                from jaxmusic.mufun_checkpoint import import_mufun
-
-                import_mufun(cached, folder, mufun_config=mufun_config)
+                checkpoints.import_mufun(cached, folder, mufun_config=mufun_config)
             return cached
-    raise UserError(f"{path}: neither a jaxmusic checkpoint ({checkpoint.META_FILE}) nor a released "
+    raise UserError(f"{path}: neither a jaxmusic checkpoint ({checkpoints.META_FILE}) nor a released "
                     "MuFun folder (config.json with model_type 'tinyllava')")
 
 
@@ -107,12 +105,12 @@ def load(path: str | os.PathLike, opts: ModelOptions = ModelOptions(), mufun_con
     """Load a whole MuFun (and its tokenizer) from a jaxmusic checkpoint or a released folder."""
     from transformers import AutoTokenizer
 
-    from jaxmusic import checkpoint
+    from jaxmusic import checkpoints
 
     ckpt = resolve_checkpoint(path, mufun_config)
-    meta = checkpoint.read_meta(ckpt)
+    meta = checkpoints.read_meta(ckpt)
     parts = meta.get("parts", {})
-    missing = [p for p in ("whisper", "connector", "llm") if p not in parts]
+    missing = [p for p in mufun.PARTS if p not in parts]
     if missing or "mufun" not in meta:
         raise UserError(f"{ckpt}: not a whole MuFun checkpoint (missing {', '.join(missing) or 'mufun config'})")
     cfg = mufun.MuFunConfig.from_dict(meta["mufun"])
@@ -121,7 +119,7 @@ def load(path: str | os.PathLike, opts: ModelOptions = ModelOptions(), mufun_con
 
     abstract = nnx.eval_shape(lambda: MuFun(wcfg, lcfg, cfg, opts, nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
-    restored = {part: checkpoint.load_params(ckpt, part, state[part]) for part in ("whisper", "connector", "llm")}
+    restored = checkpoints.restore_params(ckpt / checkpoints.PARAMS_DIR, nnx.to_pure_dict(state))
     nnx.replace_by_pure_dict(state, restored)
     model = nnx.merge(graphdef, state)
 
@@ -135,9 +133,9 @@ def load(path: str | os.PathLike, opts: ModelOptions = ModelOptions(), mufun_con
 
 # ------------------------------------------------------------------------------ batches
 
-def _request_mels(loaded: Loaded, req: Request) -> list[np.ndarray]:
+def request_mels(loaded: Loaded, req: Request) -> list[np.ndarray]:
     """Log-mel chunks `[n_chunks, n_mels, frames]` of each audio file of a request."""
-    chunk = loaded.frames * HOP
+    chunk = loaded.frames * audio.HOP_LENGTH
     mels = []
     for i, path in enumerate(req.audio):
         seg = req.segments[i] if i < len(req.segments) else None
@@ -147,24 +145,27 @@ def _request_mels(loaded: Loaded, req: Request) -> list[np.ndarray]:
 
 
 @nnx.jit(static_argnames=("groups",))
-def _embed(model: MuFun, mel, input_ids, audio_index, is_audio, groups=1):
+def embed_batch(model: MuFun, mel, input_ids, audio_index, is_audio, groups=1):
+    """The LLM input of a batch laid out by `layout_batch`."""
     return model.inputs_embeds(mel, input_ids, audio_index, is_audio, groups=groups)
 
 
 @nnx.jit
-def _logits(model: MuFun, mel, input_ids, audio_index, is_audio, positions, valid):
+def spliced_logits(model: MuFun, mel, input_ids, audio_index, is_audio, positions, valid):
+    """Logits `[B, L, vocab]` of a batch laid out by `layout_batch` (`valid`: its attention mask)."""
     embeds = model.inputs_embeds(mel, input_ids, audio_index, is_audio)
     logits, _ = model.llm(embeds, positions, valid=valid)
     return logits
 
 
-def _layout(loaded: Loaded, texts: Sequence[templates.TokenizedText], mels: Sequence[list[np.ndarray]]):
+def layout_batch(loaded: Loaded, texts: Sequence[templates.TokenizedText], mels: Sequence[list[np.ndarray]]):
+    """`(splice plan, chunk batch)` of tokenised texts and their audio files' log-mel chunks."""
     cfg = loaded.cfg
-    plan = mufun.build_splice_plan(
+    plan = splice_plan.build_splice_plan(
         texts, [[len(m) for m in ms] for ms in mels], tokens_per_chunk=cfg.tokens_per_chunk(loaded.frames // 2),
         length_buckets=cfg.length_buckets, chunk_buckets=cfg.chunk_buckets,
         pad_id=loaded.tokenizer.pad_token_id or 0)
-    chunks = mufun.stack_chunks(mels, plan, (loaded.n_mels, loaded.frames))
+    chunks = splice_plan.stack_chunks(mels, plan, (loaded.n_mels, loaded.frames))
     return plan, jnp.asarray(chunks)
 
 
@@ -183,9 +184,9 @@ def ask(loaded: Loaded, requests: Sequence[Request], *, max_new_tokens: int = 25
     """Answer a batch of requests; `on_text(row, new_text)` streams each row's text as it grows."""
     tok = loaded.tokenizer
     texts = [_encode(templates.encode_prompt, r, r.question, len(r.audio), tok) for r in requests]
-    mels = [_request_mels(loaded, r) for r in requests]
-    plan, chunks = _layout(loaded, texts, mels)
-    embeds = _embed(loaded.model, chunks, jnp.asarray(plan.input_ids), jnp.asarray(plan.audio_index),
+    mels = [request_mels(loaded, r) for r in requests]
+    plan, chunks = layout_batch(loaded, texts, mels)
+    embeds = embed_batch(loaded.model, chunks, jnp.asarray(plan.input_ids), jnp.asarray(plan.audio_index),
                     jnp.asarray(plan.is_audio))
 
     ids: list[list[int]] = [[] for _ in requests]
@@ -225,15 +226,15 @@ def score(loaded: Loaded, request: Request, options: Sequence[str]) -> list[Opti
     tok = loaded.tokenizer
     n_audio = len(request.audio)
     texts = [_encode(templates.encode_scoring, request, request.question, o, n_audio, tok) for o in options]
-    mel = _request_mels(loaded, request)
-    plan, chunks = _layout(loaded, texts, [mel] * len(options))
-    logits = _logits(loaded.model, chunks, jnp.asarray(plan.input_ids), jnp.asarray(plan.audio_index),
+    mel = request_mels(loaded, request)
+    plan, chunks = layout_batch(loaded, texts, [mel] * len(options))
+    logits = spliced_logits(loaded.model, chunks, jnp.asarray(plan.input_ids), jnp.asarray(plan.audio_index),
                      jnp.asarray(plan.is_audio), jnp.asarray(plan.positions), jnp.asarray(plan.attention_mask))
-    logp, valid = jax.device_get(token_log_likelihoods(logits, jnp.asarray(plan.labels)))
+    logp, valid = jax.device_get(next_token_log_probs(logits, jnp.asarray(plan.labels)))
     out = []
     for row, option in enumerate(options):
         keep = valid[row]
-        targets = plan.labels[row, 1:][keep]
+        targets = plan.labels[row, 1:][keep[:-1]]
         out.append(OptionScore(option, float(logp[row][keep].sum()), tuple(float(x) for x in logp[row][keep]),
                                tuple(tok.convert_ids_to_tokens([int(t) for t in targets]))))
     return out

@@ -7,24 +7,23 @@ Conventions every model in `jaxmusic.models` follows:
   only place that turns logical names into mesh axes. We deliberately do not use
   Flax's `sharding` metadata: it shards eagerly at construction time, while we
   decide placement once, outside the model.
-* Linear weights are stored `[out, in]`, PyTorch's layout, so HF Linear tensors
-  load as they are. On XLA:CPU a one-token (matrix-vector) step also reads a
-  weight 1.1-1.5x faster this way, every output a dot product over a contiguous row
+* Weights are stored in PyTorch's layout (Linear `[out, in]`), so every HF tensor
+  loads as it is. On XLA:CPU a one-token (matrix-vector) step also streams a weight
+  fastest this way, every output a dot product over a contiguous row
   (`bench/RESULTS.md`, "Generation"); on GPUs either layout is one cuBLAS call.
-  The HF name mapping next to each model says how every tensor is laid out. (The
-  MuFun connector, a pure function in `mufun.py`, keeps Flax's `kernel [in, out]`: the
-  param's name says its layout.)
 * Layers are built with `nnx.vmap` into one module whose arrays carry a leading
   layer axis, and run with `scan_layers`. The logical `axes` of a stacked param
   describe one layer; the layer axis is implied by the param living under a
   `layers` attribute.
-* `ModelOptions` holds the numerics that are not architecture: parameter dtype,
-  compute dtype, rematerialisation policy, attention implementation.
+* `ModelOptions` holds what is not architecture: parameter dtype, compute dtype,
+  rematerialisation policy, attention implementation, and the sharding the layer scan
+  pins its carry to.
+* Blocks run under `jax.named_scope`s (`embed`, `attention`, `mlp`, `encoder_layer`,
+  `decoder_layer`, `connector`, `loss`, ...), so profiles and HLO dumps say where time goes.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 from typing import Any, Callable
 
@@ -50,6 +49,11 @@ class ModelOptions:
     dtype: Any = jnp.float32  # compute dtype
     remat: str = "none"  # key of REMAT_POLICIES
     attention: str = "auto"  # "auto" | "xla" | "cudnn"
+    # Where `scan_layers` pins the residual stream between layers (None: left to XLA). The
+    # trainer passes the batch sharding: left alone, XLA's sharding propagation may follow
+    # the FSDP-sharded weights, split activations along the model width and all-reduce
+    # whole activations; pinned to the batch sharding, it all-gathers the weights (ZeRO-3).
+    carry_sharding: Any = None
 
     def __post_init__(self):
         if self.remat not in REMAT_POLICIES:
@@ -66,6 +70,12 @@ def _normal(rngs: nnx.Rngs, shape, dtype, std: float):
     return (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
 
 
+def linear(x, weight, bias, dtype):
+    """`x @ weight.T + bias` in `dtype`, for `weight [out, in]` (bias may be None)."""
+    y = jax.lax.dot_general(x.astype(dtype), weight.astype(dtype), (((x.ndim - 1,), (1,)), ((), ())))
+    return y if bias is None else y + bias.astype(dtype)
+
+
 class Linear(nnx.Module):
     """`y = x @ weight.T + bias`, weight stored `[out, in]`; `axes` names its two axes in that order."""
 
@@ -77,11 +87,7 @@ class Linear(nnx.Module):
         self.dtype = opts.dtype
 
     def __call__(self, x):
-        y = jax.lax.dot_general(x.astype(self.dtype), self.weight[...].astype(self.dtype),
-                                (((x.ndim - 1,), (1,)), ((), ())))
-        if self.bias is not None:
-            y = y + self.bias[...].astype(self.dtype)
-        return y
+        return linear(x, self.weight[...], None if self.bias is None else self.bias[...], self.dtype)
 
 
 class LayerNorm(nnx.Module):
@@ -152,34 +158,15 @@ def stack_layers(n_layers: int, make: Callable[[nnx.Rngs], nnx.Module], rngs: nn
     return build(rngs)
 
 
-# The sharding `scan_layers` pins its carry to while a `constrain_layer_carry` block is traced.
-_LAYER_CARRY_SHARDING: list = [None]
-
-
-@contextlib.contextmanager
-def constrain_layer_carry(sharding):
-    """Functions traced inside this block pin the layer carry (the residual stream) to `sharding`.
-
-    The trainer passes the batch sharding: left alone, XLA's sharding propagation may follow
-    the FSDP-sharded weights, split activations along the model width and all-reduce whole
-    activations; pinned to the batch sharding, it all-gathers the weights instead (ZeRO-3).
-    """
-    previous, _LAYER_CARRY_SHARDING[0] = _LAYER_CARRY_SHARDING[0], sharding
-    try:
-        yield
-    finally:
-        _LAYER_CARRY_SHARDING[0] = previous
-
-
-def scan_layers(layers: nnx.Module, body: Callable, carry, xs=None, *, remat: str = "none"):
+def scan_layers(layers: nnx.Module, body: Callable, carry, xs=None, *, opts: ModelOptions):
     """Run `body(block, carry, x) -> (carry, y)` over the stacked `layers`.
 
     One compiled block serves every layer, so a 36-layer model compiles as fast as a
     2-layer one. `xs` (optional) is scanned alongside the layer parameters, e.g. the
-    per-layer KV cache.
+    per-layer KV cache. `opts` gives the remat policy and the carry's sharding.
     """
     graphdef, state = nnx.split(layers)
-    sharding = _LAYER_CARRY_SHARDING[0]
+    sharding = opts.carry_sharding
     pin = ((lambda c: c) if sharding is None
            else (lambda c: jax.tree.map(lambda a: jax.lax.with_sharding_constraint(a, sharding), c)))
 
@@ -188,7 +175,6 @@ def scan_layers(layers: nnx.Module, body: Callable, carry, xs=None, *, remat: st
         c, y = body(nnx.merge(graphdef, layer_state), pin(c), x)
         return pin(c), y
 
-    policy = REMAT_POLICIES[remat]
-    if remat != "none":
-        step = jax.checkpoint(step, policy=policy, prevent_cse=False)
+    if opts.remat != "none":
+        step = jax.checkpoint(step, policy=REMAT_POLICIES[opts.remat], prevent_cse=False)
     return jax.lax.scan(step, carry, (state, xs))

@@ -31,6 +31,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from jaxmusic.errors import UserError
+
 log = logging.getLogger(__name__)
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -59,7 +61,7 @@ LOGICAL_RULES: dict[str, tuple[str, ...]] = {
 }
 
 
-class ShardingError(ValueError):
+class ShardingError(UserError, ValueError):
     """A mesh or sharding request that cannot be satisfied."""
 
 

@@ -1,4 +1,4 @@
-"""MuFun's prompt templates: conversation -> token pieces with loss masks.
+"""MuFun's prompt templates: conversation -> token pieces with loss masks; the MuCUE prompt.
 
 Two templates, strings exactly as in the reference (TinyLLaVA-Factory fork):
 
@@ -11,7 +11,7 @@ Two templates, strings exactly as in the reference (TinyLLaVA-Factory fork):
 The rendered text is split at every `<audio>` tag and each piece is tokenised on its own,
 with no special tokens added, so no token straddles an audio position. The result is a
 `TokenizedText`: `n_audio + 1` id arrays and matching boolean loss masks, which
-`jaxmusic.mufun.build_splice_plan` turns into model inputs.
+`jaxmusic.models.splice_plan.build_splice_plan` turns into model inputs.
 
 Which tokens carry loss: a token is a target when any character it covers belongs to a
 labelled span (answer, `<|im_end|>`). With Qwen's byte-level tokenizer the space after
@@ -20,6 +20,9 @@ target. This is exactly what the reference's label code produces for Qwen (its
 `instruction_len - 1` drops the lone trailing-space token of the tokenised prompt). The
 two differ only for answers that themselves start with whitespace: the reference then
 also puts loss on the separating space token, we do not.
+
+The MuCUE benchmark's prompt (`mucue_prompt`) is a question text for `qwen2_instruct`:
+`"Choose the correct option for the question based on the audio. " + question + " " + choices`.
 
 This module needs only NumPy and a tokenizer (no JAX), so data workers can import it.
 """
@@ -36,6 +39,8 @@ END_OF_TURN = "<|im_end|>"
 SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. The assistant "
           "gives helpful, detailed, and polite answers to the user's questions. ")
 TEMPLATES = ("pretrain", "qwen2_instruct")
+MUCUE_INSTRUCTION = "Choose the correct option for the question based on the audio. "
+LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 
 class TemplateError(ValueError):
@@ -188,3 +193,16 @@ def encode_scoring(question: str, answer: str, n_audio: int, tokenizer, *,
     prompt = inference_prompt(question, n_audio, placeholder=placeholder)
     return tokenize_segments([(prompt, False), (answer + END_OF_TURN, True)], tokenizer,
                              placeholder=placeholder)
+
+
+# ------------------------------------------------------------------------------ MuCUE
+
+def choices_text(choices: Sequence[str]) -> str:
+    """Lettered options, one per line: `"A. first\nB. second"` (MuCUE's public material does
+    not spell its layout out; this is the common "letter, period, text" form)."""
+    return "\n".join(f"{LETTERS[i]}. {c}" for i, c in enumerate(choices))
+
+
+def mucue_prompt(question: str, choices: Sequence[str]) -> str:
+    """MuCUE's prompt: fixed instruction, the question, a space, the lettered choices."""
+    return MUCUE_INSTRUCTION + question + " " + choices_text(choices)

@@ -18,7 +18,7 @@ import transformers as tr
 from flax import nnx
 from safetensors.torch import load_file
 
-from jaxmusic import checkpoint
+from jaxmusic import checkpoints as checkpoint
 from jaxmusic.models import qwen3, whisper
 from jaxmusic.nn import ModelOptions
 
@@ -311,7 +311,7 @@ def test_cli_errors_are_one_line_and_write_nothing(hf, tmp_path, case):
     source, edit, words = ERRORS[case]
     folder = tmp_path / "missing" if edit is None else corrupt_copy(hf[source], tmp_path / "src", edit)
     r = run("hf_to_jax.py", "--llm", folder, "--out", tmp_path / "ckpt")
-    assert r.returncode != 0
+    assert r.returncode == 2  # a user error
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in r.stderr, r.stderr
     for word in words:
@@ -328,5 +328,5 @@ def test_export_errors_are_one_line(hf, tmp_path):
     for args, word in cases:
         r = run("jax_to_hf.py", *args)
         lines = r.stderr.strip().splitlines()
-        assert r.returncode != 0 and len(lines) == 1 and word in lines[0], r.stderr
+        assert r.returncode == 2 and len(lines) == 1 and word in lines[0], r.stderr
     assert not (tmp_path / "o").exists()

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from jaxmusic import audio, corpus, evaluate, templates
+from jaxmusic import audio, evaluate, templates
+from jaxmusic.demo import corpus
 
 SMALL = dict(n_train=8, n_eval=4, max_seconds=40.0, long_fraction=0.3, seed=3)
 SR = corpus.SYNTH_RATE
@@ -180,7 +181,7 @@ def test_manifests_are_valid_mufun_samples(built, tmp_path):
         for rec in mcq:
             (question, answer), = [(q["value"], a["value"]) for q, a in zip(rec["conversations"][::2],
                                                                            rec["conversations"][1::2])]
-            assert question.startswith("<audio>\n" + evaluate.PROMPT_PREFIX)
+            assert question.startswith("<audio>\n" + templates.MUCUE_INSTRUCTION)
             assert any(q in question for q in corpus.QUESTIONS[task]), (task, question)
             assert f". {answer}\n" in question + "\n"  # the answer is one of the lettered options
 

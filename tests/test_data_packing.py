@@ -5,12 +5,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxmusic import mufun
-from jaxmusic.data.packing import BatchShape, assemble_batch, group_audio_index, segment_attention_mask
+from jaxmusic.models import mufun, splice_plan
+from jaxmusic.data.packing import BatchShape, assemble_batch, segment_attention_mask
 from jaxmusic.models.qwen3 import Qwen3Config, Qwen3ForCausalLM
 from jaxmusic.nn import ModelOptions
 
-IGN = mufun.IGNORE_INDEX
+IGN = splice_plan.IGNORE_INDEX
 P = 300  # audio tokens per chunk
 PAD = 99
 
@@ -103,18 +103,6 @@ def test_batch_feeds_the_splice():
     np.testing.assert_array_equal(got[0, 307:907], np.concatenate([tag[1], tag[2]]))
     np.testing.assert_array_equal(got[0, 908:1208], tag[3])
     assert (got[~batch["is_audio"]] == -1).all()
-
-    # splicing per group of rows (all 3 rows in one group, as on a single data-parallel shard)
-    # puts the same tokens in the same places once the indices are made group-local
-    batch = assemble_batch([[C], [B], [A]], SHAPE)  # audio in rows 1 and 2
-    def spliced(index, groups):
-        out = mufun.splice(jnp.full((b, SHAPE.seq_len, 1), -1.0), jnp.asarray(tag)[..., None],
-                           jnp.asarray(index), jnp.asarray(batch["is_audio"]), groups=groups)
-        return np.asarray(out)[..., 0]
-    per_row = spliced(batch["audio_index"], groups=b)
-    np.testing.assert_array_equal(per_row[2, 3:303], tag[2 * c])  # row 2's first slot
-    grouped = group_audio_index(batch["audio_index"], batch["is_audio"], rows_per_group=3, max_chunks=c)
-    np.testing.assert_array_equal(spliced(grouped, groups=1), per_row)
 
 
 def test_segment_mask_is_same_segment_and_causal():

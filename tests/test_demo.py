@@ -20,8 +20,9 @@ import numpy as np
 import pytest
 import yaml
 
-from jaxmusic import demo, inference
-from jaxmusic.corpus import TASKS
+from jaxmusic import inference
+from jaxmusic.demo import demo
+from jaxmusic.demo.corpus import TASKS
 
 REPO = Path(__file__).resolve().parent.parent
 SHORT = ["corpus.n_train=300", "corpus.n_eval=60", "ask.clips=2"]

@@ -23,8 +23,9 @@ from transformers import Qwen3Config, Qwen3ForCausalLM, WhisperConfig, WhisperFo
 
 from jaxmusic import evaluate, inference, templates
 from jaxmusic.errors import UserError
-from jaxmusic.evaluate import extract_choice, mucue_prompt
-from jaxmusic.tokenizer import train_tokenizer
+from jaxmusic.evaluate import extract_choice
+from jaxmusic.templates import mucue_prompt
+from jaxmusic.demo.tokenizer import train_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
 FORCED = "blues"
@@ -299,6 +300,6 @@ def test_item_longer_than_the_largest_bucket_is_skipped(forced):
     root, ckpt, bench, loaded = forced
     short = dataclasses.replace(loaded, cfg=dataclasses.replace(loaded.cfg, length_buckets=(128,)))
     item_b = evaluate.read_benchmark(bench)[1]  # 3 chunks = 90 audio tokens, plus the prompt
-    mels, error = evaluate._prepare(short, item_b, "generate")
+    mels, error = evaluate.prepare_item(short, item_b, "generate")
     assert mels is None and "exceed the largest length bucket 128" in error
-    assert evaluate._prepare(loaded, item_b, "generate")[1] is None
+    assert evaluate.prepare_item(loaded, item_b, "generate")[1] is None

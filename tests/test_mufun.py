@@ -1,6 +1,5 @@
 """MuFun glue: fusion, pooling, connector, splicing plan and device splice."""
 
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -8,12 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from jaxmusic import mufun as M
-from jaxmusic.hf_mapping import to_hf
+from jaxmusic.models import mufun as M
+from jaxmusic.models import splice_plan
 from jaxmusic.templates import TokenizedText
 
-IGN = M.IGNORE_INDEX
-CONFIG = Path(__file__).resolve().parents[1] / "configs" / "mufun.yaml"
+IGN = splice_plan.IGNORE_INDEX
+CONFIG = M.DEFAULT_CONFIG
 
 
 def _rng(seed=0):
@@ -83,13 +82,11 @@ def test_connector_matches_torch():
 
     # Reference: torch nn.Linear -> nn.GELU() -> nn.Linear (the released "blp" CNet), weights
     # placed under their checkpoint names through `connector_hf_tensors`.
-    state = {spec.hf_key: torch.from_numpy(np.array(
-        to_hf(spec.layout, np.asarray(params[spec.path[0]][spec.path[1]])))) for spec in M.connector_hf_tensors()}
+    state = {spec.hf_key: torch.from_numpy(np.array(params[spec.path[0]][spec.path[1]]))
+             for spec in M.connector_hf_tensors()}
     lin1, lin2 = torch.nn.Linear(d_in, d_hidden), torch.nn.Linear(d_hidden, d_out)
-    lin1.load_state_dict({"weight": state["connector._connector.linear1.weight"],
-                          "bias": state["connector._connector.linear1.bias"]})
-    lin2.load_state_dict({"weight": state["connector._connector.linear2.weight"],
-                          "bias": state["connector._connector.linear2.bias"]})
+    lin1.load_state_dict({"weight": state["linear1.weight"], "bias": state["linear1.bias"]})
+    lin2.load_state_dict({"weight": state["linear2.weight"], "bias": state["linear2.bias"]})
     with torch.no_grad():
         ref = lin2(torch.nn.GELU()(lin1(torch.from_numpy(x)))).numpy()
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)  # reached: 1.1e-6 (|ref| <= 6.8); tanh-GELU is off by 1.2e-3
@@ -97,19 +94,19 @@ def test_connector_matches_torch():
 
 def test_connector_init_statistics():
     p = M.connector_init(jax.random.key(1), 256, 512, 128, jnp.bfloat16, scheme="normal", std=0.02)
-    assert p["linear1"]["kernel"].shape == (256, 512) and p["linear2"]["kernel"].shape == (512, 128)
-    assert p["linear1"]["kernel"].dtype == jnp.bfloat16
-    assert abs(float(jnp.std(p["linear1"]["kernel"].astype(jnp.float32))) - 0.02) < 0.001
+    assert p["linear1"]["weight"].shape == (512, 256) and p["linear2"]["weight"].shape == (128, 512)
+    assert p["linear1"]["weight"].dtype == jnp.bfloat16
+    assert abs(float(jnp.std(p["linear1"]["weight"].astype(jnp.float32))) - 0.02) < 0.001
     assert not p["linear1"]["bias"].any() and not p["linear2"]["bias"].any()
     u = M.connector_init(jax.random.key(1), 256, 512, 128, scheme="torch_linear")
     for name, fan_in in (("linear1", 256), ("linear2", 512)):
         bound = 1 / np.sqrt(fan_in)
-        for leaf in (u[name]["kernel"], u[name]["bias"]):
+        for leaf in (u[name]["weight"], u[name]["bias"]):
             assert float(jnp.abs(leaf).max()) <= bound
-        assert abs(float(jnp.std(u[name]["kernel"])) - bound / np.sqrt(3)) < 0.05 * bound
+        assert abs(float(jnp.std(u[name]["weight"])) - bound / np.sqrt(3)) < 0.05 * bound
     cfg = M.MuFunConfig(fusion_layers=(0, 1), connector_hidden_multiple=3)
     q = M.init_connector(cfg, jax.random.key(2), d_enc=8, d_llm=5)
-    assert q["linear1"]["kernel"].shape == (16, 48) and q["linear2"]["kernel"].shape == (48, 5)
+    assert q["linear1"]["weight"].shape == (48, 16) and q["linear2"]["weight"].shape == (5, 48)
 
 
 def test_audio_embeddings_composes_encoder_fuse_pool_connector():
@@ -128,9 +125,9 @@ def test_audio_embeddings_composes_encoder_fuse_pool_connector():
     hs = np.stack([np.tanh(np.swapaxes(mel[:, :, ::2], 1, 2) @ w[i]) for i in range(n_layers + 1)])
     fused = np.concatenate([hs[3], hs[1]], -1).reshape(2, 2, 5, 2 * d).mean(2)
     p = {k: {n: np.asarray(v, np.float64) for n, v in lin.items()} for k, lin in params.items()}
-    h = fused @ p["linear1"]["kernel"] + p["linear1"]["bias"]
+    h = fused @ p["linear1"]["weight"].T + p["linear1"]["bias"]
     h = torch.nn.functional.gelu(torch.from_numpy(h)).numpy()
-    ref = h @ p["linear2"]["kernel"] + p["linear2"]["bias"]
+    ref = h @ p["linear2"]["weight"].T + p["linear2"]["bias"]
     assert out.shape == (2, 2, 7)
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-6)  # reached: 2.5e-7 (|ref| <= 3.9)
 
@@ -174,7 +171,7 @@ EXPECTED = [
 
 def test_splice_plan_and_device_splice_every_position():
     rows, counts = _batch()
-    plan = M.build_splice_plan(rows, counts, tokens_per_chunk=P, length_buckets=(8, 32, 64),
+    plan = splice_plan.build_splice_plan(rows, counts, tokens_per_chunk=P, length_buckets=(8, 32, 64),
                                chunk_buckets=(4, 8), pad_id=0)
     assert plan.input_ids.shape == (3, 32) and plan.chunk_rows == 8  # 17 -> 32; 6 chunks -> 8
     np.testing.assert_array_equal(plan.lengths, [17, 7, 5])
@@ -212,10 +209,10 @@ def test_stack_chunks_and_groups_keep_each_file_with_its_row():
              for f, c in enumerate(cs)] for b, cs in enumerate(counts)]
     # groups=1: 8 chunks in all; groups=2: 4 + 2 in the first half, 0 + 2 in the second
     for groups, chunk_rows in ((1, 8), (2, 6)):
-        plan = M.build_splice_plan(rows, counts, tokens_per_chunk=P, length_buckets=(32,),
+        plan = splice_plan.build_splice_plan(rows, counts, tokens_per_chunk=P, length_buckets=(32,),
                                    chunk_buckets=(2, 4, 6, 8), groups=groups)
         assert plan.chunk_rows == chunk_rows
-        stacked = M.stack_chunks(mels, plan, feature_shape=(2, 4))
+        stacked = splice_plan.stack_chunks(mels, plan, feature_shape=(2, 4))
         assert stacked.shape == (groups * plan.chunk_rows, 2, 4)
         audio = jnp.asarray(stacked[:, :1, :P].reshape(-1, P, 1))  # audio token = the chunk's mel value
         text = jnp.zeros((4, 32, 1))
@@ -230,11 +227,11 @@ def test_stack_chunks_and_groups_keep_each_file_with_its_row():
 def test_jit_compiles_once_per_bucket():
     rows, counts = _batch()
     kw = dict(tokens_per_chunk=P, length_buckets=(32, 64), chunk_buckets=(8, 16))
-    first = M.build_splice_plan(rows, counts, **kw)
+    first = splice_plan.build_splice_plan(rows, counts, **kw)
     # different lengths and chunk counts, same buckets
-    second = M.build_splice_plan([_sample([[1, 2, 3, 4], [5]], [[0, 0, 1, 1], [1]])] * 3,
+    second = splice_plan.build_splice_plan([_sample([[1, 2, 3, 4], [5]], [[0, 0, 1, 1], [1]])] * 3,
                                  [[2], [1], [4]], **kw)
-    third = M.build_splice_plan([_sample([list(range(40))])] * 3, [[], [], []], **kw)  # longer bucket
+    third = splice_plan.build_splice_plan([_sample([list(range(40))])] * 3, [[], [], []], **kw)  # longer bucket
     splice = jax.jit(M.splice)
     table = jnp.asarray(_rng(7).standard_normal((64, 3)), jnp.float32)
     for plan, cache_size in ((first, 1), (second, 1), (third, 2)):
@@ -247,31 +244,31 @@ def test_jit_compiles_once_per_bucket():
 def test_too_long_rows_error_or_truncate():
     rows, counts = _batch()  # longest row: 17 positions
     with pytest.raises(ValueError, match="sequence length 17 exceeds the largest length bucket 16"):
-        M.build_splice_plan(rows, counts, tokens_per_chunk=P, length_buckets=(8, 16), chunk_buckets=(8,))
-    plan = M.build_splice_plan(rows, counts, tokens_per_chunk=P, length_buckets=(8, 16),
+        splice_plan.build_splice_plan(rows, counts, tokens_per_chunk=P, length_buckets=(8, 16), chunk_buckets=(8,))
+    plan = splice_plan.build_splice_plan(rows, counts, tokens_per_chunk=P, length_buckets=(8, 16),
                                chunk_buckets=(8,), truncate=True)
     np.testing.assert_array_equal(plan.lengths, [16, 7, 5])
     assert plan.input_ids[0, 15] == 17 and plan.labels[0, 15] == IGN  # row 0 loses its last token (18)
     with pytest.raises(ValueError, match="audio chunks per group 6 exceeds the largest bucket 4"):
-        M.build_splice_plan(rows, counts, tokens_per_chunk=P, length_buckets=(32,), chunk_buckets=(4,))
+        splice_plan.build_splice_plan(rows, counts, tokens_per_chunk=P, length_buckets=(32,), chunk_buckets=(4,))
 
 
 def test_plan_errors():
     rows, counts = _batch()
     kw = dict(tokens_per_chunk=P, length_buckets=(32,), chunk_buckets=(8,))
     with pytest.raises(ValueError, match="sample 0: 2 audio placeholders but 1 chunk counts"):
-        M.build_splice_plan(rows, [[3], [2], []], **kw)
+        splice_plan.build_splice_plan(rows, [[3], [2], []], **kw)
     with pytest.raises(ValueError, match="3 samples but 2 chunk-count lists"):
-        M.build_splice_plan(rows, counts[:2], **kw)
+        splice_plan.build_splice_plan(rows, counts[:2], **kw)
     with pytest.raises(ValueError, match="batch of 3 does not divide into 2 groups"):
-        M.build_splice_plan(rows, counts, groups=2, **kw)
-    plan = M.build_splice_plan(rows, counts, **kw)
+        splice_plan.build_splice_plan(rows, counts, groups=2, **kw)
+    plan = splice_plan.build_splice_plan(rows, counts, **kw)
     mels = [[np.zeros((3, 2, 4)), np.zeros((2, 2, 4))], [np.zeros((2, 2, 4))], []]
     with pytest.raises(ValueError, match=r"sample 0: chunk counts \(3, 2\) differ from the plan's \(3, 1\)"):
-        M.stack_chunks(mels, plan, feature_shape=(2, 4))
+        splice_plan.stack_chunks(mels, plan, feature_shape=(2, 4))
     mels[0][1] = np.zeros((1, 2, 5))
     with pytest.raises(ValueError, match="log-mel chunks of shape"):
-        M.stack_chunks(mels, plan, feature_shape=(2, 4))
+        splice_plan.stack_chunks(mels, plan, feature_shape=(2, 4))
 
 
 def test_with_whisper_encoder_matches_torch_reference_pipeline():
@@ -281,7 +278,7 @@ def test_with_whisper_encoder_matches_torch_reference_pipeline():
     from transformers import WhisperConfig
     from transformers.models.whisper.modeling_whisper import WhisperEncoder as HFWhisperEncoder
 
-    from jaxmusic.hf_mapping import load_hf_weights
+    from jaxmusic.models.hf_mapping import load_hf_weights
     from jaxmusic.models.whisper import WhisperEncoder, WhisperEncoderConfig, hf_tensors
     from jaxmusic.nn import ModelOptions
 
@@ -312,8 +309,8 @@ def test_with_whisper_encoder_matches_torch_reference_pipeline():
         fused = torch.cat([hs[i] for i in mcfg.fusion_layers], dim=-1)
         pooled = torch.nn.AvgPool1d(5, stride=5)(fused.permute(0, 2, 1)).permute(0, 2, 1)
         t = {k: {n: torch.from_numpy(np.array(v)) for n, v in lin.items()} for k, lin in params.items()}
-        h = torch.nn.functional.gelu(pooled @ t["linear1"]["kernel"] + t["linear1"]["bias"])
-        ref = (h @ t["linear2"]["kernel"] + t["linear2"]["bias"]).numpy()
+        h = torch.nn.functional.gelu(pooled @ t["linear1"]["weight"].T + t["linear1"]["bias"])
+        ref = (h @ t["linear2"]["weight"].T + t["linear2"]["bias"]).numpy()
     assert out.shape == (2, 6, 12)
     np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-5)  # reached: 5.7e-6 (|ref| <= 34)
 
@@ -323,7 +320,8 @@ import os
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
 import jax, jax.numpy as jnp
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
-from jaxmusic import mufun as M
+from jaxmusic.models import mufun as M
+from jaxmusic.models import splice_plan
 mesh = jax.make_mesh((4,), ("data",), axis_types=(AxisType.Auto,))
 def spec(shape, dtype):
     rest = (None,) * (len(shape) - 1)

@@ -9,19 +9,22 @@ file is 75 s long (3 chunks).
 """
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 import soundfile as sf
 import torch
+from flax import nnx
 from safetensors.torch import save_file
 from transformers import Qwen3Config, Qwen3ForCausalLM, WhisperConfig, WhisperForConditionalGeneration
 
 from jaxmusic import audio, inference, templates
-from jaxmusic.tokenizer import train_tokenizer
+from jaxmusic.demo.tokenizer import train_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
 FUSION = [0, 1, 3, 4]
@@ -114,12 +117,12 @@ def test_logits_match_pytorch_on_interleaved_two_audio_prompt(released):
     loaded = inference.load(ckpt)
     request = inference.Request(QUESTION, tuple(map(str, paths)))
     text = templates.encode_prompt(QUESTION, 2, loaded.tokenizer)
-    mels = inference._request_mels(loaded, request)
+    mels = inference.request_mels(loaded, request)
     assert [len(m) for m in mels] == [3, 1]  # 75 s -> 30 + 30 + 15 s
 
     ref, n = _torch_logits(llm, encoder, connector, text, mels)
-    plan, chunks = inference._layout(loaded, [text], [mels])
-    ours = inference._logits(loaded.model, chunks, plan.input_ids, plan.audio_index, plan.is_audio,
+    plan, chunks = inference.layout_batch(loaded, [text], [mels])
+    ours = inference.spliced_logits(loaded.model, chunks, plan.input_ids, plan.audio_index, plan.is_audio,
                              plan.positions, plan.attention_mask)
     ours = np.asarray(ours)[0, :n]
     assert plan.lengths[0] == n == sum(len(p) for p in text.pieces) + 4 * 300
@@ -133,7 +136,7 @@ def test_score_matches_pytorch(released):
     request = inference.Request(QUESTION, tuple(map(str, paths)))
     options = ["the first", "the second one", "fast"]
     scores = inference.score(loaded, request, options)
-    mels = inference._request_mels(loaded, request)
+    mels = inference.request_mels(loaded, request)
     for option, s in zip(options, scores):
         text = templates.encode_scoring(QUESTION, option, 2, loaded.tokenizer)
         logits, _ = _torch_logits(llm, encoder, connector, text, mels)
@@ -194,7 +197,7 @@ def test_cli_user_errors_are_one_line(released, args, message):
     args = [a.replace("{song}", str(paths[1])) for a in args]
     proc = subprocess.run([sys.executable, "-m", "jaxmusic.cli", "ask", str(ckpt)] + args,
                           capture_output=True, text=True)
-    assert proc.returncode != 0
+    assert proc.returncode == 2  # a user error
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert message in lines[0].lower() or message in lines[0]
@@ -203,7 +206,7 @@ def test_cli_user_errors_are_one_line(released, args, message):
 def test_cli_rejects_folder_that_is_neither_format(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "jaxmusic.cli", "ask", str(tmp_path), "q"],
                           capture_output=True, text=True)
-    assert proc.returncode != 0 and "neither" in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.returncode == 2 and "neither" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_assemble_from_backbones_initialises_the_connector(released, tmp_path):
@@ -221,15 +224,15 @@ def test_assemble_from_backbones_initialises_the_connector(released, tmp_path):
     assert proc.returncode == 0, proc.stderr
     loaded = inference.load(ckpt)
     conn = loaded.model.connector.params()
-    # the documented init: kernels N(0, 0.02), biases zero
+    # the documented init: weights N(0, 0.02), biases zero
     for lin in ("linear1", "linear2"):
         assert np.all(np.asarray(conn[lin]["bias"]) == 0)
-        assert abs(float(np.asarray(conn[lin]["kernel"]).std()) - 0.02) < 0.002
+        assert abs(float(np.asarray(conn[lin]["weight"]).std()) - 0.02) < 0.002
     # the backbones are the sources' weights, bit for bit
     q = np.asarray(loaded.model.llm.layers.self_attn.q_proj.weight[...])
     ref = llm.model.layers[1].self_attn.q_proj.weight.detach().numpy()
     assert np.array_equal(q[1], ref)
-    mel = inference._request_mels(loaded, inference.Request("q", (str(paths[1]),)))
+    mel = inference.request_mels(loaded, inference.Request("q", (str(paths[1]),)))
     assert len(mel) == 1
 
 
@@ -249,3 +252,50 @@ def test_cli_batch_mode_matches_single_requests(released, tmp_path):
     loaded = inference.load(ckpt)
     alone = inference.ask(loaded, [inference.Request("Is it fast?", (str(paths[1]),))], max_new_tokens=6)
     assert got[0]["answer"] == alone[0]
+
+
+def _as_version_1(ckpt: Path, out: Path) -> None:
+    """`ckpt` rewritten as the first checkpoint format wrote it: the connector's Linear weights as
+    `kernel [in, out]`, Whisper's convolutions as `kernel [width, in, out]`, `version: 1`."""
+    import orbax.checkpoint as ocp
+
+    from jaxmusic.checkpoints import PARAMS_DIR, restore_params, stored_shapes
+
+    shapes = stored_shapes(ckpt / PARAMS_DIR)
+    abstract = {}
+    for path, shape in shapes.items():
+        node = abstract
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = jax.ShapeDtypeStruct(shape, np.float32)
+    params = jax.tree.map(np.asarray, restore_params(ckpt / PARAMS_DIR, abstract))
+    for lin in ("linear1", "linear2"):
+        params["connector"][lin]["kernel"] = params["connector"][lin].pop("weight").T
+    for conv in ("conv1", "conv2"):
+        params["whisper"][conv]["kernel"] = params["whisper"][conv].pop("weight").transpose(2, 1, 0)
+    shutil.copytree(ckpt, out, ignore=shutil.ignore_patterns(PARAMS_DIR))
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save((out / PARAMS_DIR).absolute(), params)
+    meta = json.loads((out / "jaxmusic.json").read_text())
+    (out / "jaxmusic.json").write_text(json.dumps({**meta, "version": 1}))
+
+
+def test_version_1_checkpoints_load_and_export_in_todays_layout(released, tmp_path, caplog):
+    root, ckpt, *_ = released
+    old = tmp_path / "v1"
+    _as_version_1(ckpt, old)
+    with caplog.at_level("WARNING"):
+        migrated = inference.load(old)
+    assert sum("version 1 layout" in r.getMessage() for r in caplog.records) == 1
+    today = inference.load(ckpt)
+    for a, b in zip(jax.tree.leaves(nnx.state(today.model)), jax.tree.leaves(nnx.state(migrated.model))):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+    out = tmp_path / "exported"
+    proc = subprocess.run([sys.executable, str(REPO / "convert" / "jax_to_hf.py"), str(old), "--out", str(out)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    from safetensors.numpy import load_file
+
+    original = load_file(root / "released" / "model.safetensors")
+    exported = load_file(out / "model.safetensors")
+    assert set(exported) == set(original) and all(np.array_equal(exported[k], v) for k, v in original.items())

@@ -8,8 +8,8 @@ import torch
 import transformers
 from flax import nnx
 
-from jaxmusic.generate import generate, layer_views, pick_tokens
-from jaxmusic.hf_mapping import hf_weights, load_hf_weights
+from jaxmusic.generate import generate, hidden_states, layer_views, pick_tokens
+from jaxmusic.models.hf_mapping import hf_weights, load_hf_weights
 from jaxmusic.models.qwen3 import Qwen3Config, Qwen3ForCausalLM, hf_tensors
 from jaxmusic.nn import ModelOptions
 
@@ -152,7 +152,7 @@ def test_unrolled_layer_views_match_scan(untied):
             assert np.array_equal(ours, whole[i])
     ids = jnp.asarray(random_ids(8, (2, 10)))
     x, pos = model.embed(ids), positions_for(ids)
-    step = jax.jit(lambda m, x, p, c, i, views: m.hidden(x, p, cache=c, cache_index=i, layer_params=views))
+    step = jax.jit(lambda m, x, p, c, i, views: hidden_states(m, views, x, p, cache=c, cache_index=i))
     scan_cache, views_cache = model.init_cache(2, 16), model.init_cache(2, 16)
     for a, b in [(0, 8), (8, 9), (9, 10)]:  # a prefill, then single-token steps
         ref, scan_cache = step(model, x[:, a:b], pos[:, a:b], scan_cache, a, None)

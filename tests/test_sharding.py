@@ -12,10 +12,10 @@ from jax.sharding import AbstractMesh
 from jax.sharding import PartitionSpec as P
 
 from jaxmusic import sharding as S
-from jaxmusic.model import MuFun
+from jaxmusic.models.mufun import MuFun
 from jaxmusic.models.qwen3 import Qwen3Config
 from jaxmusic.models.whisper import WhisperEncoderConfig
-from jaxmusic.mufun import MuFunConfig
+from jaxmusic.models.mufun import MuFunConfig
 from jaxmusic.nn import ModelOptions
 
 REPO = Path(__file__).resolve().parents[1]
@@ -82,8 +82,8 @@ def test_state_shardings_of_the_model():
     assert specs["llm/lm_head/weight"] == P("tensor", "fsdp")
     assert specs["llm/layers/self_attn/q_norm/scale"] == P(None, None)
     assert specs["whisper/embed_positions"] == P(None, "fsdp")
-    assert specs["whisper/conv2/kernel"] == P(None, "tensor", "fsdp")
-    assert specs["connector/linear1/kernel"] == P("fsdp", "tensor")
+    assert specs["whisper/conv2/weight"] == P("fsdp", "tensor", None)
+    assert specs["connector/linear1/weight"] == P("tensor", "fsdp")
     # the stacked-layer axis is never split
     for path, spec in specs.items():
         if "/layers/" in path:

@@ -6,7 +6,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from transformers import PreTrainedTokenizerFast
 
 from jaxmusic import templates as T
-from jaxmusic.mufun import IGNORE_INDEX, build_splice_plan
+from jaxmusic.models.splice_plan import IGNORE_INDEX, build_splice_plan
 
 # Written out again here (not imported) so a drift in the module's strings fails the test.
 SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives "

@@ -20,7 +20,7 @@ import pytest
 
 from jaxmusic.models.qwen3 import Qwen3Config
 from jaxmusic.models.whisper import WhisperEncoderConfig
-from jaxmusic.mufun import MuFunConfig
+from jaxmusic.models.mufun import MuFunConfig
 from jaxmusic.train import EXIT_DIVERGED, EXIT_PREEMPTED, EXIT_USER_ERROR, main
 from jaxmusic.train import config as C
 from jaxmusic.train import metrics as M
@@ -96,7 +96,7 @@ def test_trainable_split_merge_and_schedule():
     spec = ModelSpec.from_stage(C.load(TINY).stages[0])
     _, state = spec.abstract()
     paths = optim.trainable_paths(state, ["^connector/", "^llm/layers/mlp/"])
-    assert ("connector", "linear1", "kernel") in paths and ("llm", "layers", "mlp", "up_proj", "weight") in paths
+    assert ("connector", "linear1", "weight") in paths and ("llm", "layers", "mlp", "up_proj", "weight") in paths
     assert not any(p[0] == "whisper" for p in paths)
     all_paths = optim.trainable_paths(state, [".*"])
     assert ("whisper", "embed_positions") not in all_paths  # a Constant, never trainable
@@ -130,8 +130,8 @@ def test_random_encoder_positions_are_whispers_sinusoids_or_zeros():
               for how in C.WHISPER_POSITIONS}
     assert np.array_equal(np.asarray(params["sinusoids"]["embed_positions"]), table)
     assert not np.asarray(params["zeros"]["embed_positions"]).any()
-    assert np.array_equal(np.asarray(params["zeros"]["conv1"]["kernel"]),   # nothing else changes
-                          np.asarray(params["sinusoids"]["conv1"]["kernel"]))
+    assert np.array_equal(np.asarray(params["zeros"]["conv1"]["weight"]),   # nothing else changes
+                          np.asarray(params["sinusoids"]["conv1"]["weight"]))
 
 
 def test_standardize_encoder_output_folds_its_statistics_into_the_final_layer_norm():
@@ -139,8 +139,10 @@ def test_standardize_encoder_output_folds_its_statistics_into_the_final_layer_no
     import jax.numpy as jnp
     from flax import nnx
 
-    from jaxmusic import mufun, sharding
-    from jaxmusic.train.state import PARTS, ModelSpec, random_parts, standardize_encoder_output
+    from jaxmusic import sharding
+    from jaxmusic.models import mufun
+    from jaxmusic.models.mufun import PARTS
+    from jaxmusic.train.state import ModelSpec, random_parts, standardize_encoder_output
 
     spec = ModelSpec.from_stage(C.load(TINY).stages[0])
     graphdef, abstract = spec.abstract()
@@ -174,12 +176,12 @@ def test_lr_scales_scale_each_groups_updates():
     import jax
     import jax.numpy as jnp
 
-    trainable = {("whisper", "conv1", "kernel"), ("whisper", "conv1", "bias"), ("connector", "linear1", "kernel"),
+    trainable = {("whisper", "conv1", "weight"), ("whisper", "conv1", "bias"), ("connector", "linear1", "weight"),
                  ("llm", "norm", "scale")}
     opt = C.OptimizerSection(lr=1e-2, weight_decay=0.1, warmup_steps=0, schedule="constant",
-                             lr_scales={"conv1/kernel$": 0.5, "^whisper/": 0.1, "^llm/": 1.0})
+                             lr_scales={"conv1/weight$": 0.5, "^whisper/": 0.1, "^llm/": 1.0})
     factors = optim.lr_factors(opt, trainable)  # the first matching regex wins; factor 1 is left out
-    assert factors == {("whisper", "conv1", "kernel"): 0.5, ("whisper", "conv1", "bias"): 0.1}
+    assert factors == {("whisper", "conv1", "weight"): 0.5, ("whisper", "conv1", "bias"): 0.1}
     params = optim.unflatten({p: jnp.full((3,), 2.0) for p in trainable})
     grads = optim.unflatten({p: jnp.array([1.0, -2.0, 0.5]) for p in trainable})
 
@@ -346,7 +348,7 @@ def test_frozen_parts_are_untouched_and_have_no_optimizer_state(reference, cache
     # the init, computed apart (same flags as the runs) from the stage's seed
     script = ("import sys, numpy as np, jax; from flax import nnx\n"
               "from jaxmusic import sharding; from jaxmusic.train import config as C\n"
-              "from jaxmusic.train.state import PARTS, ModelSpec, random_parts\n"
+              "from jaxmusic.models.mufun import PARTS\nfrom jaxmusic.train.state import ModelSpec, random_parts\n"
               "spec = ModelSpec.from_stage(C.load(sys.argv[1]).stages[0]); _, st = spec.abstract()\n"
               "p = random_parts(spec, PARTS, 0, sharding.state_shardings(st, sharding.make_mesh({})))\n"
               "np.savez(sys.argv[2], **{jax.tree_util.keystr(k): np.asarray(v)"
@@ -401,7 +403,7 @@ def test_non_finite_steps_can_be_skipped(reference, cache, tmp_path):
     lines = [json.loads(x) for x in (stage / "metrics.jsonl").read_text().splitlines()]
     assert [x["skipped"] for x in lines] == list(range(1, 9))
     final = _final(stage, "params")
-    assert np.isnan(final["['connector']['linear1']['kernel']"]).all()
+    assert np.isnan(final["['connector']['linear1']['weight']"]).all()
     reference_init = _final(reference / "p1", "params")  # its whisper and llm are the init too
     for name, value in final.items():
         if not name.startswith("['connector']"):
@@ -414,7 +416,7 @@ def test_trains_on_manifests_through_the_data_pipeline(cache, tmp_path):
     import yaml
 
     from jaxmusic import templates
-    from jaxmusic.tokenizer import train_tokenizer
+    from jaxmusic.demo.tokenizer import train_tokenizer
 
     (tmp_path / "audio").mkdir()
     for i in range(2):
@@ -455,7 +457,7 @@ def test_stage_starts_from_a_converted_hf_checkpoint(reference, cache, tmp_path)
     import transformers as tr
     import yaml
 
-    from jaxmusic.checkpoint import import_hf, load_params
+    from jaxmusic.checkpoints import import_hf, load_params
 
     tiny = yaml.safe_load(TINY.read_text())["model"]
     torch.manual_seed(0)
@@ -480,7 +482,7 @@ def test_stage_starts_from_a_converted_hf_checkpoint(reference, cache, tmp_path)
         for path, value in jax.tree_util.tree_leaves_with_path(converted):
             name = f"['{part}']" + jax.tree_util.keystr(path)
             np.testing.assert_array_equal(final[name], np.asarray(value), err_msg=name)
-    assert "['connector']['linear1']['kernel']" in final
+    assert "['connector']['linear1']['weight']" in final
 
 
 def _abstract_part(part: str):

@@ -37,7 +37,7 @@ def test_one_device_and_eight_device_mesh_agree(tmp_path):
     assert one[-1] < one[0]
 
     # step 1 is the mean over all answer tokens of the global batch (computed here without the
-    # trainer, with jaxmusic.model.token_log_likelihoods) ...
+    # trainer, with jaxmusic.losses.next_token_log_probs) ...
     np.testing.assert_allclose(one[0], res["reference_step1"], rtol=0, atol=2e-6)  # reached 3.4e-7
     np.testing.assert_allclose(eight[0], res["reference_step1"], rtol=0, atol=2e-6)  # reached 1.4e-7
     # ... not the mean of the 8 shards' (4 groups x 2 microbatches) own means (1.2e-3 away)
@@ -60,10 +60,12 @@ def _worker(workdir: Path) -> None:
     from flax import nnx
 
     from jaxmusic import sharding
-    from jaxmusic.model import token_log_likelihoods
+    from jaxmusic.checkpoints import restore_params
+    from jaxmusic.checkpoints.training import Checkpoints
+    from jaxmusic.losses import next_token_log_probs
+    from jaxmusic.models.mufun import PARTS
     from jaxmusic.train import config as config_lib
-    from jaxmusic.train.checkpoints import Checkpoints
-    from jaxmusic.train.state import PARTS, ModelSpec, random_parts, with_shardings
+    from jaxmusic.train.state import ModelSpec, random_parts, with_shardings
     from jaxmusic.train.synthetic import SyntheticSource
     from jaxmusic.train.batches import make_source, next_batch
     from jaxmusic.train.trainer import run_stage, setup
@@ -89,8 +91,8 @@ def _worker(workdir: Path) -> None:
     mesh1 = sharding.make_mesh({}, one_device)
     mesh8 = sharding.make_mesh(eight.mesh.shape())
     ckpts = Checkpoints(workdir / "eight" / "checkpoints", read_only=True)
-    p1 = ckpts.restore_params(4, with_shardings(abstract, sharding.state_shardings(abstract_state, mesh1)))
-    p8 = ckpts.restore_params(4, with_shardings(abstract, sharding.state_shardings(abstract_state, mesh8)))
+    p1 = restore_params(ckpts.params_dir(4), with_shardings(abstract, sharding.state_shardings(abstract_state, mesh1)))
+    p8 = restore_params(ckpts.params_dir(4), with_shardings(abstract, sharding.state_shardings(abstract_state, mesh8)))
     exact = all(np.array_equal(np.asarray(a), np.asarray(b))
                 for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p8)))
     q_proj = p8["llm"]["layers"]["self_attn"]["q_proj"]["weight"]
@@ -106,7 +108,7 @@ def _worker(workdir: Path) -> None:
     for _ in range(one.accumulation):
         mb = next(source)
         logits = model(mb["mel"], mb["input_ids"], mb["audio_index"], mb["is_audio"], mb["positions"], groups=8)
-        logp, valid = (np.asarray(x) for x in token_log_likelihoods(logits, mb["labels"]))
+        logp, valid = (np.asarray(x) for x in next_token_log_probs(logits, mb["labels"]))
         total, count = total - logp.sum(dtype=np.float64), count + valid.sum()
         for rows in np.split(np.arange(8), 4):  # the 4 data-parallel shards of the 8-device mesh
             shard_means.append(-logp[rows].sum(dtype=np.float64) / valid[rows].sum())

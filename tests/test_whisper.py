@@ -9,7 +9,7 @@ from flax import nnx
 from transformers import WhisperConfig, WhisperForConditionalGeneration, WhisperModel
 from transformers.models.whisper.modeling_whisper import sinusoids as hf_sinusoids
 
-from jaxmusic.hf_mapping import hf_weights, load_hf_weights
+from jaxmusic.models.hf_mapping import hf_weights, load_hf_weights
 from jaxmusic.models.whisper import (
     HF_ENCODER_PREFIXES, Constant, WhisperEncoder, WhisperEncoderConfig, hf_tensors, sinusoids)
 from jaxmusic.nn import ModelOptions

@@ -11,14 +11,12 @@ per row, whatever its content, so a jitted train step compiles once:
 
 Chunk slots `b * C .. b * C + C - 1` belong to row b, so sharding rows and chunk slots the
 same way over devices keeps every row with its audio. The text/audio layout is
-`jaxmusic.mufun.build_splice_plan`'s with one splice group per row (`audio_index` counts
+`jaxmusic.models.splice_plan.build_splice_plan`'s with one splice group per row (`audio_index` counts
 within the row's own C slots), so on the device, with `audio_embeds [B * C, 300, D]`:
 
     mufun.splice(llm.embed(input_ids), audio_embeds, audio_index, is_audio, groups=B)
 
-(`groups` = the number of rows; that is correct under any data-parallel sharding of B.) A step
-that splices with fewer, larger groups (one per data-parallel shard) first makes the indices
-local to its groups with `group_audio_index`.
+(`groups` = the number of rows; that is correct under any data-parallel sharding of B.)
 
 `segment_ids` number the samples of a row 1, 2, ... (0 = padding); `positions` restart at 0
 with every sample. Attention must stay inside a segment: `segment_attention_mask` gives the
@@ -41,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxmusic import audio as A
-from jaxmusic.mufun import IGNORE_INDEX, build_splice_plan
+from jaxmusic.models.splice_plan import IGNORE_INDEX, build_splice_plan
 from jaxmusic.templates import TokenizedText
 
 
@@ -158,15 +156,6 @@ def assemble_batch(rows: list[list[dict]], shape: BatchShape) -> dict[str, np.nd
             "segment_ids": segment_ids, "attention_mask": plan.attention_mask,
             "is_audio": plan.is_audio, "audio_index": plan.audio_index,
             shape.audio_key: audio.reshape(-1, *audio.shape[2:]), "chunk_mask": chunk_mask.reshape(-1)}
-
-
-def group_audio_index(audio_index, is_audio, rows_per_group: int, max_chunks: int,
-                      tokens_per_chunk: int = 300):
-    """Row-local `audio_index` -> local to groups of `rows_per_group` consecutive rows, for
-    `splice(..., groups=B // rows_per_group)` over the same `[B * C, ...]` chunk slots."""
-    rows = np.arange(np.shape(audio_index)[0])[:, None]
-    offset = (rows % rows_per_group) * max_chunks * tokens_per_chunk
-    return np.where(is_audio, audio_index + offset, audio_index).astype(np.int32)
 
 
 def segment_attention_mask(segment_ids):

@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxmusic.hf_mapping import HFTensor
+from jaxmusic.models.hf_mapping import HFTensor
 from jaxmusic.nn import Linear, ModelOptions, RMSNorm, attention, scan_layers, stack_layers
 
 
@@ -136,26 +136,28 @@ def write_slots(cache, new, index, *, axis: int):
     return jax.lax.dynamic_update_slice_in_dim(cache, rows if axis == 1 else rows.swapaxes(1, 2), index, axis)
 
 
-def one_query_attention(q, cache_k, cache_v, allowed):
-    """Attention of a single query per row, `q [B, 1, N, H]`, over a layer's cache.
+def cached_attention(q, cache_k, cache_v, allowed):
+    """Attention of `q [B, T, N, H]` over a layer's cache (keys `[B*K, H, S]`, values `[B*K, S, H]`).
 
-    Keys `[B*K, H, S]`, values `[B*K, S, H]`. `allowed` broadcasts to `[B, N, 1, S]`. The
-    math of `jax.nn.dot_product_attention`'s XLA path (float32 scores and softmax,
-    probabilities in the cache dtype, query head `k * G + g` on KV head k), as two batched
-    matmuls over the B*K cache rows that read the cache where it lies, each contracting
-    a [G, inner] by an [inner, outer] operand.
+    `allowed` broadcasts to `[B, N, T, S]`. The math of `jax.nn.dot_product_attention`'s XLA
+    path (float32 scores and softmax, probabilities in the cache dtype, query head
+    `k * G + g` on KV head k), as two batched matmuls over the B*K cache rows that read the
+    cache where it lies: the G*T queries of a row against its `[H, S]` keys, then its `[S, H]`
+    values.
     """
-    b, _, n, h = q.shape
+    b, t, n, h = q.shape
     rows, _, s = cache_k.shape
-    g = n * b // rows
+    k = rows // b
+    g = n // k
     f32 = jnp.float32
-    q = q.reshape(rows, g, h)
-    scores = jnp.einsum("rgh,rhs->rgs", q, cache_k.astype(q.dtype), preferred_element_type=f32)
+    q = q.reshape(b, t, k, g, h).transpose(0, 2, 3, 1, 4).reshape(rows, g * t, h)
+    scores = jnp.einsum("rqh,rhs->rqs", q, cache_k.astype(q.dtype), preferred_element_type=f32)
     scores = scores * jnp.array(1 / np.sqrt(h), f32)
-    allowed = jnp.broadcast_to(allowed, (b, n, 1, s)).reshape(rows, g, s)
+    allowed = jnp.broadcast_to(allowed, (b, n, t, s)).reshape(rows, g * t, s)
     scores = jnp.where(allowed, scores, -0.7 * jnp.finfo(f32).max)
     probs = jax.nn.softmax(scores, axis=-1).astype(cache_v.dtype)
-    return jnp.einsum("rgs,rsh->rgh", probs, cache_v).reshape(b, 1, n, h)
+    out = jnp.einsum("rqs,rsh->rqh", probs, cache_v).astype(q.dtype)
+    return out.reshape(b, k, g, t, h).transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
 
 
 class Qwen3Attention(nnx.Module):
@@ -184,21 +186,11 @@ class Qwen3Attention(nnx.Module):
             kv = (write_slots(kv[0], key, cache_index, axis=2), write_slots(kv[1], value, cache_index, axis=1))
         if kv is None or (isinstance(cache_index, int) and cache_index == 0):
             # Written from slot 0, the queries sit in slots [0, T) and see no later slot:
-            # the T new keys are all they can attend to, so a prompt skips the cache's copies.
+            # the T new keys are all they can attend to.
             mask = allowed if kv is None else allowed[..., :t]
             out = attention(q, key, value, opts=self.opts, mask=mask, is_causal=True)
         else:
-            cache_k, cache_v = kv
-            if t == 1 and self.opts.attention != "cudnn":
-                out = one_query_attention(q, cache_k, cache_v, allowed)
-                return self.o_proj(out.reshape(b, t, n * h)), kv
-            # -> [B, S, K, H] (copies; fine for multi-token prefill chunks)
-            cache_k = cache_k.reshape(b, k, h, -1).transpose(0, 3, 1, 2)
-            cache_v = cache_v.reshape(b, k, -1, h).swapaxes(1, 2)
-            # A cached step has an arbitrary [B, 1, T, S] mask and T != S, a shape cuDNN's
-            # fused kernel does not reliably take; XLA handles any shape ("cudnn" if forced).
-            opts = self.opts if self.opts.attention != "auto" else dataclasses.replace(self.opts, attention="xla")
-            out = attention(q, cache_k.astype(q.dtype), cache_v.astype(q.dtype), opts=opts, mask=allowed)
+            out = cached_attention(q, kv[0], kv[1], allowed)
         return self.o_proj(out.reshape(b, t, n * h)), kv
 
 
@@ -223,9 +215,11 @@ class Qwen3DecoderLayer(nnx.Module):
         self.mlp = Qwen3MLP(cfg, opts, rngs)
 
     def __call__(self, x, cos, sin, allowed, kv, cache_index):
-        attn_out, kv = self.self_attn(self.input_layernorm(x), cos, sin, allowed, kv, cache_index)
-        x = x + attn_out
-        x = x + self.mlp(self.post_attention_layernorm(x))
+        with jax.named_scope("attention"):
+            attn_out, kv = self.self_attn(self.input_layernorm(x), cos, sin, allowed, kv, cache_index)
+            x = x + attn_out
+        with jax.named_scope("mlp"):
+            x = x + self.mlp(self.post_attention_layernorm(x))
         return x, kv
 
 
@@ -246,17 +240,16 @@ class Qwen3ForCausalLM(nnx.Module):
 
     def embed(self, input_ids):
         """Token ids `[B, T]` -> embeddings `[B, T, D]` in the compute dtype."""
-        return jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(self.opts.dtype)
+        with jax.named_scope("embed"):
+            return jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(self.opts.dtype)
 
     def init_cache(self, batch: int, max_len: int, dtype=None) -> dict:
         """Empty KV cache: `k` `[L, B*K, H, S]`, `v` `[L, B*K, S, H]`, per-slot `valid` `[B, S]` (all False).
 
-        Row `b*K + k` of a layer holds batch row b's KV head k over the S slots. Head-major
-        rows, so that decoding one token is two plain batched matmuls over the rows: with
-        `[B, S, K, H]` XLA:CPU transposed every layer's cache each step, and with a 4-d
-        `[B, K, S, H]` (B = 1 reshaped away) it copied the cache instead of updating it in place.
-        Keys are stored slot-minor (`[H, S]` per row) because XLA:CPU's batched matmul
-        contracting both operands' last axes (`q . k` over `[S, H]` keys) ran 2-2.5x slower.
+        Row `b*K + k` of a layer holds batch row b's KV head k over the S slots, keys
+        slot-minor and values slot-major, so that attending over the cache is two plain
+        batched matmuls over the rows that read it where it lies (`cached_attention`), and
+        writing a step's keys and values updates it in place.
         """
         c = self.cfg
         rows, dtype = batch * c.num_key_value_heads, dtype or self.opts.dtype
@@ -264,80 +257,65 @@ class Qwen3ForCausalLM(nnx.Module):
                 "v": jnp.zeros((c.num_hidden_layers, rows, max_len, c.head_dim), dtype),
                 "valid": jnp.zeros((batch, max_len), bool)}
 
-    def hidden(self, inputs_embeds, positions, *, mask=None, valid=None, cache=None, cache_index=None,
-               layer_params=None):
-        """Final-normed hidden states `[B, T, D]` and the updated cache (None without one).
+    def layer_inputs(self, positions, *, mask=None, valid=None, cache=None, cache_index=None):
+        """What every layer of one call shares: `(cos, sin, allowed, slot_valid)`.
 
-        `positions [B, T]` int feed RoPE; `mask`, `valid`, `cache`, `cache_index`: see the
-        module docstring. `layer_params`: optional list of per-layer param states (one
-        layer's arrays each, e.g. views of the stacked ones); the layers then run as an
-        unrolled loop over them instead of a scan over `self.layers`, and the cache's `k`
-        and `v` come back as per-layer lists (accepted as input too). Same results; it is
-        the fast decode path on CPU, where a scan copies each layer's weights before using them.
+        `allowed` is the attention rule of the module docstring as a boolean mask; `slot_valid`
+        the cache's per-slot validity after this call (None without a cache).
         """
-        b, t, _ = inputs_embeds.shape
+        b, t = positions.shape
         cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, self.opts.dtype)
         if cache is None:
             allowed = mask
             if valid is not None:
                 key_ok = valid[:, None, None, :]
                 allowed = key_ok if allowed is None else allowed & key_ok
-            kv_xs = None
-        else:
-            if cache_index is None:
-                raise ValueError("cache_index is required with a cache")
-            step_valid = jnp.ones((b, t), bool) if valid is None else valid.astype(bool)
-            slot_valid = jax.lax.dynamic_update_slice_in_dim(cache["valid"], step_valid, cache_index, 1)
-            slots = jnp.arange(slot_valid.shape[1])
-            query_slots = cache_index + jnp.arange(t)
-            allowed = slot_valid[:, None, None, :] & (slots[None, :] <= query_slots[:, None])[None, None]
-            if mask is not None:
-                allowed = allowed & mask
-            kv_xs = (cache["k"], cache["v"])
+            return cos, sin, allowed, None
+        if cache_index is None:
+            raise ValueError("cache_index is required with a cache")
+        step_valid = jnp.ones((b, t), bool) if valid is None else valid.astype(bool)
+        slot_valid = jax.lax.dynamic_update_slice_in_dim(cache["valid"], step_valid, cache_index, 1)
+        slots = jnp.arange(slot_valid.shape[1])
+        query_slots = cache_index + jnp.arange(t)
+        allowed = slot_valid[:, None, None, :] & (slots[None, :] <= query_slots[:, None])[None, None]
+        if mask is not None:
+            allowed = allowed & mask
+        return cos, sin, allowed, slot_valid
+
+    def hidden(self, inputs_embeds, positions, *, mask=None, valid=None, cache=None, cache_index=None):
+        """Final-normed hidden states `[B, T, D]` and the updated cache (None without one).
+
+        `positions [B, T]` int feed RoPE; `mask`, `valid`, `cache`, `cache_index`: see the
+        module docstring.
+        """
+        cos, sin, allowed, slot_valid = self.layer_inputs(positions, mask=mask, valid=valid, cache=cache,
+                                                          cache_index=cache_index)
 
         def body(layer, x, kv):
-            return layer(x, cos, sin, allowed, kv, cache_index)
+            with jax.named_scope("decoder_layer"):
+                return layer(x, cos, sin, allowed, kv, cache_index)
 
-        x = inputs_embeds.astype(self.opts.dtype)
-        if layer_params is None:
-            x, new_kv = scan_layers(self.layers, body, x, kv_xs, remat=self.opts.remat)
-        else:
-            x, new_kv = unrolled_layers(nnx.graphdef(self.layers), layer_params, body, x, kv_xs)
+        kv = None if cache is None else (cache["k"], cache["v"])
+        x, new_kv = scan_layers(self.layers, body, inputs_embeds.astype(self.opts.dtype), kv, opts=self.opts)
         new_cache = None if cache is None else {"k": new_kv[0], "v": new_kv[1], "valid": slot_valid}
-        return self.norm(x), new_cache
+        with jax.named_scope("final_norm"):
+            return self.norm(x), new_cache
+
+    def output_table(self):
+        """The `[V, D]` matrix logits are computed with: `lm_head.weight`, or the tied embeddings."""
+        return (self.embed_tokens if self.lm_head is None else self.lm_head.weight)[...]
 
     def logits(self, h):
         """Hidden states `[..., D]` -> logits `[..., V]` in the compute dtype."""
-        # The tied table and an untied lm_head.weight are both [V, D].
-        table = (self.embed_tokens if self.lm_head is None else self.lm_head.weight)[...].astype(self.opts.dtype)
-        h = h.astype(self.opts.dtype)
-        rows = int(np.prod(h.shape[:-1]))
-        if rows <= 8:
-            # Decode: `table @ h.T` is XLA:CPU's matrix-vector kernel; `h @ table.T` became
-            # a loop fusion reading the 0.6B table ~20% slower. Transposing [V, rows] is cheap.
-            return jnp.dot(table, h.reshape(rows, -1).T).T.reshape(*h.shape[:-1], -1)
-        return jnp.dot(h, table.T)
+        with jax.named_scope("lm_head"):
+            dtype = self.opts.dtype
+            return jnp.dot(h.astype(dtype), self.output_table().astype(dtype).T)
 
     def __call__(self, inputs_embeds, positions, *, mask=None, valid=None, cache=None, cache_index=None):
         """`(logits [B, T, V], cache)`; see `hidden` for the arguments."""
         h, cache = self.hidden(inputs_embeds, positions, mask=mask, valid=valid,
                                cache=cache, cache_index=cache_index)
         return self.logits(h), cache
-
-
-def unrolled_layers(graphdef, layer_params, body, x, kv):
-    """`scan_layers`' contract, as a Python loop over per-layer states.
-
-    `kv` is `(k, v)`, stacked arrays or per-layer lists, or None; the new kv comes back
-    as per-layer lists, so a donated per-layer cache is updated in place, not re-stacked.
-    """
-    new_k, new_v = [], []
-    for i, params in enumerate(layer_params):
-        x, layer_kv = body(nnx.merge(graphdef, params), x, None if kv is None else (kv[0][i], kv[1][i]))
-        if layer_kv is not None:
-            new_k.append(layer_kv[0])
-            new_v.append(layer_kv[1])
-    return x, (None if kv is None else (new_k, new_v))
 
 
 def hf_tensors(cfg: Qwen3Config) -> list[HFTensor]:

@@ -15,6 +15,9 @@ Logical axis names used by the parameters (the sharding table maps them to mesh 
 * ``conv_in``    conv2's input channels (d_model; a name of its own so that one tensor
                  never carries ``embed`` twice).
 * ``conv_width`` the convolution kernel width (3).
+
+Convolution weights are stored `[out, in, width]` and Linear weights `[out, in]`, as in
+PyTorch, so every HF tensor is one of ours as it is.
 * ``positions``  rows of the sinusoidal position table (max_source_positions).
 
 Parameters under ``layers`` have a leading layer axis (see `jaxmusic.nn`).
@@ -30,8 +33,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxmusic.hf_mapping import CONV1D, SAME, HFTensor
-from jaxmusic.nn import LayerNorm, Linear, ModelOptions, attention, scan_layers, stack_layers
+from jaxmusic.models.hf_mapping import HFTensor
+from jaxmusic.nn import LayerNorm, Linear, ModelOptions, attention, linear, scan_layers, stack_layers
 
 # Where the encoder's tensors live in each HF class's state dict:
 # WhisperForConditionalGeneration -> "model.encoder.", WhisperModel -> "encoder.",
@@ -113,13 +116,14 @@ def _gelu(x):
 
 
 class Conv1d(nnx.Module):
-    """1-D convolution on `[B, T, C]`, kernel `[width, in, out]`, symmetric padding."""
+    """1-D convolution on `[B, T, C]`, weight `[out, in, width]` (PyTorch's), symmetric padding."""
 
     def __init__(self, d_in: int, d_out: int, *, width: int, stride: int, in_axis: str,
                  opts: ModelOptions, rngs: nnx.Rngs):
         std = 1.0 / math.sqrt(d_in * width)
-        kernel = std * jax.random.normal(rngs.params(), (width, d_in, d_out), jnp.float32)
-        self.kernel = nnx.Param(kernel.astype(opts.param_dtype), axes=("conv_width", in_axis, "embed"))
+        # drawn [width, in, out] and transposed, so a seed gives the same weights as ever
+        weight = std * jax.random.normal(rngs.params(), (width, d_in, d_out), jnp.float32).transpose(2, 1, 0)
+        self.weight = nnx.Param(weight.astype(opts.param_dtype), axes=("embed", in_axis, "conv_width"))
         self.bias = nnx.Param(jnp.zeros((d_out,), opts.param_dtype), axes=("embed",))
         self.stride = stride
         self.dtype = opts.dtype
@@ -128,14 +132,14 @@ class Conv1d(nnx.Module):
         # As one matmul over the `width` shifted, strided views of the input (im2col): the
         # same sums as a convolution, but its backward pass is a plain matmul, which XLA's CPU
         # backend runs several times faster than a convolution's weight gradient.
-        width, d_in, d_out = self.kernel.shape
+        d_out, d_in, width = self.weight.shape
         pad = width // 2
         x = jnp.pad(x.astype(self.dtype), ((0, 0), (pad, pad), (0, 0)))
         n_out = (x.shape[1] - width) // self.stride + 1
         span = self.stride * (n_out - 1) + 1
-        cols = jnp.concatenate([x[:, k:k + span:self.stride] for k in range(width)], axis=-1)
-        y = cols @ self.kernel[...].astype(self.dtype).reshape(width * d_in, d_out)
-        return y + self.bias[...].astype(self.dtype)
+        cols = jnp.stack([x[:, k:k + span:self.stride] for k in range(width)], axis=-1)  # [B, T', in, width]
+        cols = cols.reshape(*cols.shape[:2], d_in * width)
+        return linear(cols, self.weight[...].reshape(d_out, d_in * width), self.bias[...], self.dtype)
 
 
 class SelfAttention(nnx.Module):
@@ -171,8 +175,10 @@ class EncoderBlock(nnx.Module):
                           opts=opts, rngs=rngs)
 
     def __call__(self, x):
-        x = x + self.self_attn(self.self_attn_layer_norm(x))
-        return x + self.fc2(_gelu(self.fc1(self.final_layer_norm(x))))
+        with jax.named_scope("attention"):
+            x = x + self.self_attn(self.self_attn_layer_norm(x))
+        with jax.named_scope("mlp"):
+            return x + self.fc2(_gelu(self.fc1(self.final_layer_norm(x))))
 
 
 class WhisperEncoder(nnx.Module):
@@ -201,32 +207,35 @@ class WhisperEncoder(nnx.Module):
         if input_features.ndim != 3 or tuple(input_features.shape[1:]) != expected:
             raise ValueError(f"Whisper input_features must be [batch, {expected[0]}, {expected[1]}], "
                              f"got {tuple(input_features.shape)}")
-        x = jnp.swapaxes(input_features, 1, 2)  # channels last for the convolutions
-        x = _gelu(self.conv1(x))
-        x = _gelu(self.conv2(x))
-        x = x + self.embed_positions[...].astype(x.dtype)
+        with jax.named_scope("conv_stem"):
+            x = jnp.swapaxes(input_features, 1, 2)  # channels last for the convolutions
+            x = _gelu(self.conv1(x))
+            x = _gelu(self.conv2(x))
+            x = x + self.embed_positions[...].astype(x.dtype)
 
         def body(block, h, _):
-            h = block(h)
+            with jax.named_scope("encoder_layer"):
+                h = block(h)
             return h, h
 
-        last, per_block = scan_layers(self.layers, body, x, remat=self.opts.remat)
+        last, per_block = scan_layers(self.layers, body, x, opts=self.opts)
         # transformers reports the final-LayerNorm output in place of the last block's raw output.
-        return jnp.concatenate([x[None], per_block[:-1], self.layer_norm(last)[None]], axis=0)
+        with jax.named_scope("final_norm"):
+            last = self.layer_norm(last)
+        return jnp.concatenate([x[None], per_block[:-1], last[None]], axis=0)
 
 
 def hf_tensors(cfg: WhisperEncoderConfig) -> list[HFTensor]:
     """Our parameters <-> HF encoder tensors; keys are relative to the encoder root."""
     del cfg  # the encoder's tensor names do not depend on its sizes
     specs = [
-        HFTensor(("conv1", "kernel"), "conv1.weight", CONV1D),
+        HFTensor(("conv1", "weight"), "conv1.weight"),
         HFTensor(("conv1", "bias"), "conv1.bias"),
-        HFTensor(("conv2", "kernel"), "conv2.weight", CONV1D),
+        HFTensor(("conv2", "weight"), "conv2.weight"),
         HFTensor(("conv2", "bias"), "conv2.bias"),
         HFTensor(("embed_positions",), "embed_positions.weight"),
     ]
-    layer = lambda path, key, layout=SAME: HFTensor(("layers",) + path, "layers.{i}." + key, layout,
-                                                     stacked=True)
+    layer = lambda path, key: HFTensor(("layers",) + path, "layers.{i}." + key, stacked=True)
     for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
         specs.append(layer(("self_attn", proj, "weight"), f"self_attn.{proj}.weight"))
         if proj != "k_proj":

@@ -24,6 +24,7 @@ from typing import Any
 
 import yaml
 
+from jaxmusic.checkpoints.training import CheckpointSection
 from jaxmusic.errors import UserError
 
 
@@ -35,7 +36,7 @@ class ConfigError(UserError, ValueError):
 class ModelSection:
     whisper: dict | None = None      # HF WhisperConfig fields; None: from the init checkpoint
     llm: dict | None = None          # HF Qwen3Config fields; None: from the init checkpoint
-    mufun: dict = dataclasses.field(default_factory=dict)  # MuFunConfig fields (defaults: configs/mufun.yaml)
+    mufun: dict = dataclasses.field(default_factory=dict)  # MuFunConfig fields (defaults: jaxmusic/configs/mufun.yaml)
     param_dtype: str = "float32"     # master weights and optimizer state
     dtype: str = "bfloat16"          # compute
     remat: str = "dots"              # jaxmusic.nn.REMAT_POLICIES
@@ -101,15 +102,6 @@ class OptimizerSection:
     # first listed regex matches learns at factor x lr (weight decay scales with it), like
     # TinyLLaVA's vision_tower_lr / mm_projector_lr; the rest at lr.
     lr_scales: dict = dataclasses.field(default_factory=dict)
-
-
-@dataclasses.dataclass(frozen=True)
-class CheckpointSection:
-    every_steps: int | None = 500
-    every_minutes: float | None = None
-    keep_last: int = 2
-    keep_every: int | None = None    # also keep every M-th step forever
-    async_save: bool = True
 
 
 @dataclasses.dataclass(frozen=True)

@@ -32,7 +32,7 @@ from pathlib import Path
 
 from jaxmusic.models.qwen3 import Qwen3Config
 from jaxmusic.models.whisper import WhisperEncoderConfig
-from jaxmusic.mufun import MuFunConfig
+from jaxmusic.models.mufun import MuFunConfig
 
 # Dense bfloat16 tensor-core peak per device, FLOP/s (vendor data sheets, no sparsity).
 PEAK_FLOPS = {"a100": 312e12, "h100 pcie": 756e12, "h100": 989e12, "h200": 989e12, "b200": 2250e12}

@@ -1,7 +1,7 @@
 """A finished stage's result as a jaxmusic checkpoint folder: `STAGE_DIR/model/`.
 
 `jaxmusic ask/score/eval` and `convert/jax_to_hf.py` take jaxmusic checkpoints (see
-`jaxmusic.checkpoint`); a stage's Orbax steps hold the same parameter tree but no
+`jaxmusic.checkpoints.format`); a stage's Orbax steps hold the same parameter tree but no
 `jaxmusic.json` or tokenizer. When a stage ends the trainer writes
 
     model/jaxmusic.json    complete HF configs of the parts, the MuFun glue settings
@@ -14,13 +14,12 @@ so `jaxmusic ask WORKDIR/STAGE/model ...` works right away.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
 
-from jaxmusic import checkpoint as ckpt_lib
-from jaxmusic.mufun import MuFunConfig
+from jaxmusic.checkpoints import PARAMS_DIR, staged_folder, write_meta
+from jaxmusic.models.mufun import MuFunConfig, connector_config
 from jaxmusic.train.config import StageConfig
 
 MODEL_DIR = "model"
@@ -36,26 +35,17 @@ def _hf_configs(stage: StageConfig) -> dict[str, dict]:
 
 def write_model_folder(stage_dir: Path, stage: StageConfig, step: int) -> Path:
     """Write (or refresh) `stage_dir/model` for checkpoint `step`; returns the folder."""
-    from jaxmusic.mufun_checkpoint import connector_config
-
-    out = stage_dir / MODEL_DIR
-    tmp = stage_dir / (MODEL_DIR + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     cfg = MuFunConfig.from_dict(stage.model.mufun)
     hf = _hf_configs(stage)
     dtype = stage.model.param_dtype
     parts = {part: {"hf_config": hf[part], "source_dtype": dtype} for part in ("whisper", "llm")}
     parts["connector"] = {"hf_config": connector_config(cfg, hf["whisper"]["d_model"], hf["llm"]["hidden_size"]),
                           "source_dtype": dtype}
-    if stage.data.tokenizer:
-        shutil.copytree(stage.data.tokenizer, tmp / "tokenizer" / "llm")
-        parts["llm"]["tokenizer"] = "tokenizer/llm"
-    meta = {"format": "jaxmusic", "version": ckpt_lib.FORMAT_VERSION, "dtype": dtype, "parts": parts,
-            "mufun": cfg.to_dict(),
-            "trained": {"stage": stage.name, "step": step}}
-    (tmp / ckpt_lib.META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-    os.symlink(Path("..") / "checkpoints" / str(step) / ckpt_lib.PARAMS_DIR, tmp / ckpt_lib.PARAMS_DIR)
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
+    out = stage_dir / MODEL_DIR
+    with staged_folder(out, replace=True) as tmp:
+        if stage.data.tokenizer:
+            shutil.copytree(stage.data.tokenizer, tmp / "tokenizer" / "llm")
+            parts["llm"]["tokenizer"] = "tokenizer/llm"
+        write_meta(tmp, parts, dtype, mufun=cfg.to_dict(), trained={"stage": stage.name, "step": step})
+        os.symlink(Path("..") / "checkpoints" / str(step) / PARAMS_DIR, tmp / PARAMS_DIR)
     return out

@@ -15,19 +15,16 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxmusic import checkpoint as ckpt_lib
-from jaxmusic import mufun
-from jaxmusic.model import Connector, MuFun
+from jaxmusic import checkpoints
+from jaxmusic.losses import log_mels
+from jaxmusic.models import mufun
+from jaxmusic.models.mufun import PARTS, Connector, MuFun, MuFunConfig
 from jaxmusic.models.qwen3 import Qwen3Config, Qwen3ForCausalLM
 from jaxmusic.models.whisper import WhisperEncoder, WhisperEncoderConfig
-from jaxmusic.mufun import MuFunConfig
 from jaxmusic.nn import ModelOptions
 from jaxmusic.train.config import ConfigError, StageConfig
-from jaxmusic.train.step import log_mels
 
 log = logging.getLogger(__name__)
-
-PARTS = ("whisper", "connector", "llm")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,7 +95,7 @@ def init_params(spec: ModelSpec, stage: StageConfig, shardings: dict, abstract: 
         return random_parts(spec, PARTS, init.seed, shardings, whisper_positions=init.whisper_positions)
     if init.source in ("stage", "previous"):
         return restore_stage(Path(init.path), with_shardings(abstract, shardings))
-    stored = ckpt_lib.read_meta(init.path)["parts"]
+    stored = checkpoints.read_meta(init.path)["parts"]
     missing = tuple(p for p in PARTS if p not in stored)
     if missing:
         log.warning("init: %s has no %s; starting those from random weights (seed %d)",
@@ -107,7 +104,7 @@ def init_params(spec: ModelSpec, stage: StageConfig, shardings: dict, abstract: 
               if missing else {})
     for part in PARTS:
         if part in stored:
-            params[part] = ckpt_lib.load_params(init.path, part, abstract[part], shardings[part])
+            params[part] = checkpoints.load_params(init.path, part, abstract[part], shardings[part])
     return params
 
 
@@ -162,7 +159,7 @@ def resolve_model(stage: StageConfig, previous_config: dict | None) -> StageConf
     """
     model, data = stage.model, stage.data
     if stage.init.source == "checkpoint":
-        meta = ckpt_lib.read_meta(stage.init.path)
+        meta = checkpoints.read_meta(stage.init.path)
         parts = meta["parts"]
         given = {"whisper": model.whisper, "llm": model.llm}
         for part, cfg in given.items():

@@ -12,67 +12,20 @@ one splice group per row):
     is_audio, attention_mask                        bool [A, B, L]
     segment_ids    int   [A, B, L]                  packed rows only: attention stays in a segment
 
-A *loss function* `loss_fn(model, microbatch) -> (total, weight, sums)` returns a sum over
-tokens, the number it should be divided by (e.g. answer tokens) and extra metric sums.
-The step divides the sum over all microbatches and devices by the summed weight: the mean
-over every answer token of the global batch, never a mean of per-device means. A
-policy-gradient loss (GRPO) plugs in the same way, with its own batch keys (advantages,
-old log-probs, ...).
+The loss (`jaxmusic.losses`) returns a sum over tokens and the weight it is divided by;
+the step divides the sum over all microbatches and devices by the summed weight: the mean
+over every answer token of the global batch, never a mean of per-device means.
 """
 
 from __future__ import annotations
-
-from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from jaxmusic.audio import log_mel_jax
-from jaxmusic.data.packing import segment_attention_mask
-from jaxmusic.mufun import IGNORE_INDEX
+from jaxmusic.losses import LossFn
 from jaxmusic.train import optim
-
-LossFn = Callable[[Any, dict], tuple[jax.Array, jax.Array, dict]]
-
-
-def log_mels(microbatch: dict) -> jax.Array:
-    """A microbatch's chunk slots as log-mels: given, or made from waveforms on the device."""
-    return microbatch["mel"] if "mel" in microbatch else log_mel_jax(microbatch["wave"])
-
-
-def logits(model, batch: dict) -> jax.Array:
-    """The model on one microbatch. Without `segment_ids` no mask is built: with right
-    padding a causal query never sees the padding after it."""
-    mel = log_mels(batch)
-    mask = segment_attention_mask(batch["segment_ids"]) if "segment_ids" in batch else None
-    return model(mel, batch["input_ids"], batch["audio_index"], batch["is_audio"], batch["positions"],
-                 mask=mask, groups=batch["input_ids"].shape[0])  # one splice group per row
-
-
-def token_nll(logits: jax.Array, labels: jax.Array):
-    """Next-token negative log-likelihood `[B, L]` (0 where ignored) and the valid mask.
-
-    Same convention as `jaxmusic.model.token_log_likelihoods` (`labels[:, t]` is predicted
-    at `t - 1`; the last position predicts nothing), written as `logsumexp - picked logit`
-    over unsliced logits (the labels move, not the `[B, L, vocab]` array), so neither a
-    float32 log-softmax nor a shifted copy of the logits is materialised.
-    """
-    targets = jnp.pad(labels[:, 1:], ((0, 0), (0, 1)), constant_values=IGNORE_INDEX)
-    valid = targets != IGNORE_INDEX
-    x = logits.astype(jnp.float32)
-    picked = jnp.take_along_axis(x, jnp.where(valid, targets, 0)[..., None], axis=-1)[..., 0]
-    return jnp.where(valid, jax.nn.logsumexp(x, axis=-1) - picked, 0.0), valid
-
-
-def cross_entropy(model, batch: dict):
-    """Supervised loss: summed cross-entropy over answer tokens (labels != -100)."""
-    nll, valid = token_nll(logits(model, batch), batch["labels"])
-    return nll.sum(), valid.sum().astype(jnp.float32), {}
-
-
-LOSSES: dict[str, LossFn] = {"cross_entropy": cross_entropy}
 
 
 def _where(pred, new, old):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from jaxmusic.mufun import build_splice_plan, stack_chunks
+from jaxmusic.models.splice_plan import build_splice_plan, stack_chunks
 from jaxmusic.templates import TokenizedText
 
 

@@ -34,24 +34,25 @@ from flax import nnx
 from tqdm import tqdm
 
 from jaxmusic import distributed, sharding
-from jaxmusic.checkpoint import ConversionError
-from jaxmusic.errors import UserError
-from jaxmusic.nn import constrain_layer_carry
+from jaxmusic.audio import CHUNK_SECONDS
+from jaxmusic.checkpoints import restore_params
+from jaxmusic.checkpoints.training import Checkpoints
+from jaxmusic.errors import EXIT_OK, EXIT_USER_ERROR, run_command  # noqa: F401 (EXIT_USER_ERROR re-exported)
+from jaxmusic.losses import LOSSES
 from jaxmusic.train import config as config_lib
 from jaxmusic.train import metrics as metrics_lib
 from jaxmusic.train import optim
 from jaxmusic.train.batches import make_source, next_batch, restore_data_state, total_steps
-from jaxmusic.train.checkpoints import Checkpoints, Preemption
 from jaxmusic.train.config import ConfigError, StageConfig
 from jaxmusic.train.model_folder import write_model_folder
+from jaxmusic.train.preemption import Preemption
 from jaxmusic.train.state import (ModelSpec, init_params, resolve_model, standardize_encoder_output,
                                   with_shardings)
-from jaxmusic.train.step import LOSSES, make_train_step
+from jaxmusic.train.step import make_train_step
 
 log = logging.getLogger(__name__)
 
-EXIT_OK, EXIT_USER_ERROR, EXIT_DIVERGED, EXIT_PREEMPTED = 0, 2, 3, 75
-CHUNK_SECONDS = 30.0
+EXIT_DIVERGED, EXIT_PREEMPTED = 3, 75
 DONE_FILE = "DONE"
 
 
@@ -105,8 +106,7 @@ class Setup:
             batch_shardings={k: sharding.batch_sharding(self.mesh, v.ndim) for k, v in batch.items()},
             metric_sharding=sharding.replicated(self.mesh))
         t0 = time.perf_counter()
-        with constrain_layer_carry(sharding.activation_sharding(self.mesh)):
-            lowered = step.lower(params, opt_state, batch)
+        lowered = step.lower(params, opt_state, batch)
         return lowered.compile(), time.perf_counter() - t0
 
     def step_flops(self, batch) -> float:
@@ -140,6 +140,9 @@ def setup(stage: StageConfig, previous: Path | None = None, *, devices=None,
         raise ConfigError(f"batch.microbatch {micro_rows} must divide into the {groups} data-parallel "
                           f"shards of mesh {dict(mesh.shape)}")
 
+    # the layer scans pin the residual stream to the batch sharding (ModelOptions.carry_sharding)
+    spec = dataclasses.replace(spec, opts=dataclasses.replace(
+        spec.opts, carry_sharding=sharding.activation_sharding(mesh)))
     graphdef, abstract_state = spec.abstract()
     abstract = nnx.to_pure_dict(abstract_state)
     param_sh = sharding.state_shardings(abstract_state, mesh)
@@ -168,7 +171,7 @@ def _restore_stage_params(path: Path, abstract: dict) -> dict:
     step = ckpts.latest_step()
     if step is None:
         raise ConfigError(f"init: {path} has no complete checkpoint")
-    params = ckpts.restore_params(step, abstract)
+    params = restore_params(ckpts.params_dir(step), abstract)
     ckpts.close()
     _say(f"  initialised from {path} step {step}")
     return params
@@ -381,12 +384,12 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of `jaxmusic train`; returns the exit code (see the module docstring)."""
     args = build_parser().parse_intermixed_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    try:
+
+    def train():
         layout = distributed.initialize(args.coordinator, args.num_processes, args.process_id)
         watchdog = distributed.StepWatchdog.from_env()
         return run(args.config, args.workdir, args.overrides,
                    devices_per_node=layout.devices_per_node() if layout else None,
                    on_step=watchdog.beat if watchdog else None)
-    except (UserError, ConversionError, sharding.ShardingError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_USER_ERROR
+
+    return run_command(train, tracebacks=True)

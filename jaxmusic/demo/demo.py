@@ -2,9 +2,9 @@
 
 Trains a tiny MuFun through the staged recipe on synthetic music and shows that it learned:
 
-1. corpus     `WORKDIR/corpus/`: labelled clips and manifests (`jaxmusic.corpus`)
+1. corpus     `WORKDIR/corpus/`: labelled clips and manifests (`jaxmusic.demo.corpus`)
 2. tokenizer  `WORKDIR/corpus/tokenizer/`: a small Qwen-style BPE trained on the corpus text
-3. training   `WORKDIR/schedule.yaml` (configs/schedules/demo.yaml with the corpus paths filled
+3. training   `WORKDIR/schedule.yaml` (jaxmusic/configs/schedules/demo.yaml with the corpus paths filled
               in and steps scaled to `--minutes`) run by the real trainer into `WORKDIR/train/`
 4. eval       held-out split, MuCUE-style four-option questions, per task next to chance
               (`WORKDIR/eval/<stage>/`)
@@ -12,7 +12,7 @@ Trains a tiny MuFun through the staged recipe on synthetic music and shows that 
               few `jaxmusic ask` answers about held-out clips
 
 Every step resumes: rerunning the same command skips clips, stages and eval items already
-done. The settings (configs/demo.yaml plus overrides) are fixed per workdir; a rerun with
+done. The settings (jaxmusic/configs/demo.yaml plus overrides) are fixed per workdir; a rerun with
 different ones is refused rather than mixing two runs.
 """
 
@@ -27,10 +27,9 @@ from pathlib import Path
 
 import yaml
 
-from jaxmusic.errors import UserError
+from jaxmusic.errors import UserError, run_command
 
-REPO = Path(__file__).resolve().parent.parent
-DEFAULT_CONFIG = REPO / "configs" / "demo.yaml"
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 SETTINGS_FILE = "demo.json"
 SIZED_FOR_MINUTES = 10  # the schedule's step counts are for this budget
 
@@ -213,7 +212,8 @@ def write_report(workdir: Path, settings: dict, timings: dict[str, float], curve
 def run(workdir: str | Path, *, minutes: float | None = None, config: str | Path = DEFAULT_CONFIG,
         overrides: list[str] = (), progress: bool = True) -> int:
     """Run (or resume) the demo in `workdir`; returns an exit code (the trainer's, if it fails)."""
-    from jaxmusic import corpus, evaluate, inference
+    from jaxmusic import evaluate, inference
+    from jaxmusic.demo import corpus
     from jaxmusic.train import config as config_lib
     from jaxmusic.train import trainer
 
@@ -285,17 +285,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", default="runs/demo", help="where everything goes; rerunning resumes")
     parser.add_argument("--minutes", type=float, help=f"training budget (default {SIZED_FOR_MINUTES}); "
                                                       "scales every stage's steps")
-    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="demo settings (configs/demo.yaml)")
+    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="demo settings (jaxmusic/configs/demo.yaml)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars (logs, CI)")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                         help="demo settings (corpus.n_train=200) or trainer overrides (stages.full.steps=50)")
     args = parser.parse_intermixed_args(argv)
-    try:
-        return run(args.workdir, minutes=args.minutes, config=args.config, overrides=args.overrides,
-                   progress=not args.no_progress)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_command(lambda: run(args.workdir, minutes=args.minutes, config=args.config, overrides=args.overrides,
+                                   progress=not args.no_progress), tracebacks=True)
 
 
 if __name__ == "__main__":

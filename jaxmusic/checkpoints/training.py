@@ -1,4 +1,4 @@
-"""A stage's Orbax checkpoints, and preemption (SIGTERM) handling.
+"""A training stage's checkpoints (Orbax's CheckpointManager): policy, save, restore.
 
 `WORKDIR/STAGE/checkpoints/STEP/` holds five items:
 
@@ -20,18 +20,25 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import signal
-import threading
 from pathlib import Path
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
-from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers as policies
 
-from jaxmusic.train.config import CheckpointSection
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointSection:
+    """When a stage saves and what it keeps (the `checkpoint:` section of a stage config)."""
+
+    every_steps: int | None = 500
+    every_minutes: float | None = None
+    keep_last: int = 2
+    keep_every: int | None = None    # also keep every M-th step forever
+    async_save: bool = True
 
 
 # ---------------------------------------------------------------- data iterator state item
@@ -119,9 +126,9 @@ class Checkpoints:
             opt_state=ocp.args.StandardRestore(abstract_opt_state),
             data=DataStateRestore(), meta=ocp.args.JsonRestore(), config=ocp.args.JsonRestore())))
 
-    def restore_params(self, step: int, abstract_params) -> dict:
-        return self.manager.restore(step, args=ocp.args.Composite(
-            params=ocp.args.StandardRestore(abstract_params)))["params"]
+    def params_dir(self, step: int) -> Path:
+        """The step's `params` item, an Orbax folder `format.restore_params` reads."""
+        return Path(self.manager.directory) / str(step) / "params"
 
     def restore_config(self, step: int) -> dict:
         return self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
@@ -131,32 +138,3 @@ class Checkpoints:
 
     def close(self) -> None:
         self.manager.close()
-
-
-# ------------------------------------------------------------------------------ preemption
-
-class Preemption:
-    """Has a SIGTERM (SLURM's preemption notice) arrived? Asked once per step.
-
-    Single process: a Python SIGTERM handler sets a flag. Multi-process
-    (`jax.distributed` initialised): JAX's preemption service catches the signal on any
-    process and all processes agree on the same step to stop at
-    (`multihost_utils.reached_preemption_sync_point`), so they save together.
-    """
-
-    def __init__(self):
-        self._flag = threading.Event()
-        self._previous = None
-        self._multi = jax.process_count() > 1
-        if not self._multi and threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, lambda *_: self._flag.set())
-
-    def reached(self, step: int) -> bool:
-        if self._multi:
-            return multihost_utils.reached_preemption_sync_point(step)
-        return self._flag.is_set()
-
-    def close(self) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-            self._previous = None

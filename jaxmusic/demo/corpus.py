@@ -36,7 +36,7 @@ Files under the corpus root (audio paths in manifests are relative to the root):
 * `captions.jsonl` - alignment stage (template `pretrain`): the "gpt" value is a caption.
 * `qa.jsonl` - single- and multi-turn open questions (template `qwen2_instruct`).
 * `mcq_<task>.jsonl`, one per task - MuCUE-style four-option questions rendered with the
-  exact MuCUE prompt of `jaxmusic.evaluate`; the answer is the correct option's text.
+  exact MuCUE prompt of `jaxmusic.templates`; the answer is the correct option's text.
   `MCQ_DRAWS` single-question records per crop the task applies to (the whole clip, or one
   section of a multi-section clip), each with its own wording and options. One manifest per
   task lets a schedule weight the tasks: a model trained from scratch learns the loudest cue
@@ -415,7 +415,7 @@ def _record(rid: str, spec: dict, turns: list[tuple[str, str]], time) -> dict:
 
 def train_records(spec: dict, seed: int) -> dict[str, list[dict]]:
     """The caption, open QA and multiple-choice records of one training clip."""
-    from jaxmusic.evaluate import mucue_prompt
+    from jaxmusic.templates import mucue_prompt
 
     rng = np.random.default_rng([seed, 2, int(spec["id"].split("-")[1])])
     tasks = _answerable(spec)
@@ -537,10 +537,10 @@ def build_tokenizer(root: str | os.PathLike, vocab_size: int = 1024, out_dir: st
     """Train (once) the demo's Qwen-style byte-level BPE on the corpus text; saved under `root/tokenizer`."""
     from transformers import AutoTokenizer
 
-    from jaxmusic.tokenizer import train_tokenizer
+    from jaxmusic.demo.tokenizer import train_tokenizer
 
     out = Path(out_dir) if out_dir is not None else Path(root) / "tokenizer"
     if (out / "tokenizer.json").is_file():
         return AutoTokenizer.from_pretrained(str(out))
-    # spaces end words, so the inference prompt's trailing "ASSISTANT: " matches training (jaxmusic.tokenizer)
+    # spaces end words, so the inference prompt's trailing "ASSISTANT: " matches training (jaxmusic.demo.tokenizer)
     return train_tokenizer(texts(root), vocab_size=vocab_size, out_dir=out, space_joins="previous")

@@ -1,0 +1,354 @@
+"""MuFun in Flax NNX: Whisper encoder -> multi-layer fusion -> mean pooling -> connector -> Qwen3.
+
+    mel [N, 128, 3000] -> encoder -> hidden states [L+1, N, 1500, d_enc]
+      -> fuse (layers 0, 7, 15, 32 concatenated on features)  [N, 1500, 4 d_enc]
+      -> pool (mean, kernel 5, stride 5)                       [N, 300, 4 d_enc]
+      -> connector (Linear -> exact GELU -> Linear)            [N, 300, d_llm]
+      -> splice into the text embeddings at each <audio>       [B, L, d_llm]
+
+The glue (fusion, pooling, connector, splice) is pure functions of (params, arrays); the
+`MuFun` module only owns the parameters of its three parts, `whisper`, `connector` and
+`llm`, and wires them together. Its attribute names are the checkpoint's part names, so
+`nnx.state(model)` has the tree of a jaxmusic checkpoint and the trainable-set regexes of
+the stage configs read naturally (`^connector/`, `^whisper/`). Where each token and audio
+frame of a batch goes is decided on the host: `jaxmusic.models.splice_plan`.
+
+The HF mapping of the released checkpoint layout (MuFun's `model_type: "tinyllava"` folders)
+is at the end: three prefixes over the backbones' own mappings and the connector's two
+Linears, every tensor stored as it is here (Linear weights `[out, in]`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from pathlib import Path
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxmusic.models.hf_mapping import HFTensor
+from jaxmusic.models.qwen3 import Qwen3Config, Qwen3ForCausalLM
+from jaxmusic.models.whisper import WhisperEncoder, WhisperEncoderConfig
+from jaxmusic.nn import ModelOptions, linear
+from jaxmusic.templates import AUDIO_PLACEHOLDER
+
+PARTS = ("whisper", "connector", "llm")  # in data-flow order
+CONNECTOR_INITS = ("normal", "torch_linear")
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "mufun.yaml"
+
+
+@dataclasses.dataclass(frozen=True)
+class MuFunConfig:
+    """The glue's settings; `jaxmusic/configs/mufun.yaml` documents the released model's values."""
+
+    fusion_layers: tuple[int, ...] = (0, 7, 15, 32)
+    pool_kernel: int = 5
+    pool_stride: int = 5
+    connector_hidden_multiple: int = 2  # "blp_4i_2x": hidden = 2 x fused width
+    connector_init: str = "normal"      # "normal" (the reference's effective init) | "torch_linear"
+    connector_init_std: float = 0.02    # for "normal": the LLM's initializer_range
+    audio_placeholder: str = AUDIO_PLACEHOLDER
+    chunk_buckets: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+    length_buckets: tuple[int, ...] = (256, 512, 1024, 2048, 4096, 8192)
+
+    def __post_init__(self):
+        for name in ("fusion_layers", "chunk_buckets", "length_buckets"):
+            object.__setattr__(self, name, tuple(int(v) for v in getattr(self, name)))
+        if not self.fusion_layers or min(self.fusion_layers) < 0:
+            raise ValueError(f"fusion_layers must be non-empty hidden-state indices >= 0, got {self.fusion_layers}")
+        if self.pool_kernel < 1 or self.pool_stride < 1 or self.connector_hidden_multiple < 1:
+            raise ValueError("pool_kernel, pool_stride and connector_hidden_multiple must be >= 1")
+        if self.connector_init not in CONNECTOR_INITS:
+            raise ValueError(f"connector_init must be one of {CONNECTOR_INITS}, got {self.connector_init!r}")
+        for name in ("chunk_buckets", "length_buckets"):
+            b = getattr(self, name)
+            if not b or b[0] < 1 or any(x >= y for x, y in zip(b, b[1:])):
+                raise ValueError(f"{name} must be positive and strictly increasing, got {b}")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "MuFunConfig":
+        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown MuFun config keys: {sorted(unknown)}")
+        return cls(**d)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path | None = None) -> "MuFunConfig":
+        """From a YAML file of settings; by default the released model's (`DEFAULT_CONFIG`)."""
+        import yaml
+
+        path = Path(path or DEFAULT_CONFIG)
+        if not path.is_file():
+            raise FileNotFoundError(f"MuFun config not found: {path}")
+        try:
+            d = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as e:
+            raise ValueError(f"{path}: not valid YAML ({e})") from None
+        if not isinstance(d, dict):
+            raise ValueError(f"{path}: expected a mapping of MuFun settings")
+        return cls.from_dict(d)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready settings (as stored in a checkpoint's `jaxmusic.json`)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in vars(self).items()}
+
+    def check_encoder_depth(self, n_layers: int) -> None:
+        """Fusion indices address hidden states 0..n_layers (0 = embeddings, n_layers = final LN)."""
+        _check_layers(self.fusion_layers, n_layers)
+
+    def connector_dims(self, d_enc: int, d_llm: int) -> tuple[int, int, int]:
+        d_in = len(self.fusion_layers) * d_enc
+        return d_in, self.connector_hidden_multiple * d_in, d_llm
+
+    def tokens_per_chunk(self, n_frames: int) -> int:
+        """Audio tokens per chunk for `n_frames` encoder frames (1500 -> 300)."""
+        return pooled_length(n_frames, self.pool_kernel, self.pool_stride)
+
+
+# ---------------------------------------------------------------------- audio path (device)
+
+def pooled_length(n_frames: int, kernel: int, stride: int) -> int:
+    """Output length of a 'valid' window (torch AvgPool1d defaults: no padding, floor)."""
+    if n_frames < kernel:
+        raise ValueError(f"cannot pool {n_frames} frames with kernel {kernel}")
+    return (n_frames - kernel) // stride + 1
+
+
+def _check_layers(layers: Sequence[int], n_layers: int) -> None:
+    bad = [i for i in layers if not 0 <= i <= n_layers]
+    if bad:
+        raise ValueError(f"fusion_layers {bad} out of range for an encoder with {n_layers} layers "
+                         f"(valid hidden-state indices are 0..{n_layers})")
+
+
+def fuse(hidden_states: jax.Array, layers: Sequence[int]) -> jax.Array:
+    """`[L+1, N, T, D]` (transformers' output_hidden_states order) -> `[N, T, len(layers) * D]`."""
+    _check_layers(layers, hidden_states.shape[0] - 1)
+    return jnp.concatenate([hidden_states[i] for i in layers], axis=-1)
+
+
+def pool(x: jax.Array, kernel: int, stride: int) -> jax.Array:
+    """Mean over time windows: `[N, T, F] -> [N, T', F]`; sums in float32 like torch's kernels."""
+    pooled_length(x.shape[1], kernel, stride)  # validates
+    total = jax.lax.reduce_window(x.astype(jnp.float32), 0.0, jax.lax.add,
+                                  (1, kernel, 1), (1, stride, 1), "VALID")
+    return (total / kernel).astype(x.dtype)
+
+
+def connector_init(key: jax.Array, d_in: int, d_hidden: int, d_out: int, dtype=jnp.float32, *,
+                   scheme: str = "normal", std: float = 0.02) -> dict:
+    """Connector parameters `{"linear1": {weight [hidden, in], bias}, "linear2": {...}}`.
+
+    `scheme="normal"`: weights N(0, std), biases 0. This is what the reference trains from:
+    its connector is built from plain `nn.Linear`s, but TinyLLaVA's `post_init` then
+    re-initialises every non-pretrained Linear with `normal_(0, initializer_range)` and
+    zero bias (initializer_range falls back to the LLM's, 0.02 for Qwen3).
+    `scheme="torch_linear"`: PyTorch's `nn.Linear` default, weight and bias
+    U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+    """
+    if scheme not in CONNECTOR_INITS:
+        raise ValueError(f"scheme must be one of {CONNECTOR_INITS}, got {scheme!r}")
+    keys = jax.random.split(key, 4)
+
+    def linear_init(kw, kb, fan_in, fan_out):
+        # drawn [in, out] and transposed, so a seed gives the same weights as ever
+        if scheme == "normal":
+            weight = std * jax.random.normal(kw, (fan_in, fan_out), jnp.float32)
+            bias = jnp.zeros((fan_out,), jnp.float32)
+        else:
+            bound = 1.0 / math.sqrt(fan_in)
+            weight = jax.random.uniform(kw, (fan_in, fan_out), jnp.float32, -bound, bound)
+            bias = jax.random.uniform(kb, (fan_out,), jnp.float32, -bound, bound)
+        return {"weight": weight.T.astype(dtype), "bias": bias.astype(dtype)}
+
+    return {"linear1": linear_init(keys[0], keys[1], d_in, d_hidden),
+            "linear2": linear_init(keys[2], keys[3], d_hidden, d_out)}
+
+
+def init_connector(cfg: MuFunConfig, key: jax.Array, d_enc: int, d_llm: int, dtype=jnp.float32) -> dict:
+    """`connector_init` with the sizes and scheme from `cfg`."""
+    return connector_init(key, *cfg.connector_dims(d_enc, d_llm), dtype,
+                          scheme=cfg.connector_init, std=cfg.connector_init_std)
+
+
+def connector_apply(params: dict, x: jax.Array, dtype=jnp.float32) -> jax.Array:
+    """Linear -> GELU (exact erf form, torch's default) -> Linear; no norm, no residual."""
+    with jax.named_scope("connector"):
+        p1, p2 = params["linear1"], params["linear2"]
+        h = jax.nn.gelu(linear(x, p1["weight"], p1["bias"], dtype), approximate=False)
+        return linear(h, p2["weight"], p2["bias"], dtype)
+
+
+def audio_embeddings(encoder, connector_params: dict, mel: jax.Array, cfg: MuFunConfig,
+                     dtype=None) -> jax.Array:
+    """Chunks `[N, n_mels, frames]` -> audio tokens `[N, T', d_llm]` (encoder -> fuse -> pool -> connector).
+
+    `encoder(mel)` must return all hidden states stacked `[L+1, N, T, D]`. The connector runs
+    in `dtype`, by default the encoder's output dtype.
+    """
+    hidden = encoder(mel)
+    with jax.named_scope("fuse_pool"):
+        pooled = pool(fuse(hidden, cfg.fusion_layers), cfg.pool_kernel, cfg.pool_stride)
+    return connector_apply(connector_params, pooled, dtype or hidden.dtype)
+
+
+def splice(text_embeds: jax.Array, audio_embeds: jax.Array, audio_index: jax.Array,
+           is_audio: jax.Array, *, groups: int = 1) -> jax.Array:
+    """Put audio tokens into the text sequence: one gather, one select.
+
+    text_embeds [B, L, D]: embeddings of the plan's `input_ids` (text already in place).
+    audio_embeds [groups * R, P, D]: audio tokens of every chunk row, in the plan's order.
+    audio_index, is_audio [B, L]: from `splice_plan.build_splice_plan`; indices are local to each group
+    of B / groups rows, so with the batch sharded over `groups` devices the gather needs
+    no communication.
+    """
+    b, length, d = text_embeds.shape
+    rows, p, _ = audio_embeds.shape
+    if b % groups or rows % groups:
+        raise ValueError(f"batch {b} and chunk rows {rows} must both divide into {groups} groups")
+    with jax.named_scope("splice"):
+        per_group = audio_embeds.reshape(groups, (rows // groups) * p, d)
+        index = audio_index.reshape(groups, (b // groups) * length, 1)
+        audio = jnp.take_along_axis(per_group, index, axis=1).reshape(b, length, d)
+        return jnp.where(is_audio[..., None], audio.astype(text_embeds.dtype), text_embeds)
+
+
+# ------------------------------------------------------------------------------ the module
+
+class Connector(nnx.Module):
+    """The connector's two Linears (`weight [out, in]`, `bias`), initialised by `init_connector`."""
+
+    def __init__(self, cfg: MuFunConfig, d_enc: int, d_llm: int, opts: ModelOptions, rngs: nnx.Rngs):
+        params = init_connector(cfg, rngs.params(), d_enc, d_llm, opts.param_dtype)
+        axes = {"linear1": ("connector_mlp", "audio_embed"), "linear2": ("embed", "connector_mlp")}
+        for name, p in params.items():
+            setattr(self, name, nnx.Dict(weight=nnx.Param(p["weight"], axes=axes[name]),
+                                         bias=nnx.Param(p["bias"], axes=axes[name][:1])))
+        self.dtype = opts.dtype
+
+    def params(self) -> dict:
+        return {name: {"weight": getattr(self, name)["weight"][...], "bias": getattr(self, name)["bias"][...]}
+                for name in ("linear1", "linear2")}
+
+    def __call__(self, x):
+        return connector_apply(self.params(), x, self.dtype)
+
+
+class MuFun(nnx.Module):
+    def __init__(self, whisper_cfg: WhisperEncoderConfig, llm_cfg: Qwen3Config, cfg: MuFunConfig,
+                 opts: ModelOptions, rngs: nnx.Rngs):
+        cfg.check_encoder_depth(whisper_cfg.n_layers)
+        self.cfg = cfg
+        self.whisper = WhisperEncoder(whisper_cfg, opts, rngs)
+        self.connector = Connector(cfg, whisper_cfg.d_model, llm_cfg.hidden_size, opts, rngs)
+        self.llm = Qwen3ForCausalLM(llm_cfg, opts, rngs)
+
+    def audio_embeddings(self, mel):
+        """Log-mel chunks `[N, n_mels, frames]` -> audio tokens `[N, frames/2/pool, d_llm]`."""
+        return audio_embeddings(self.whisper, self.connector.params(), mel, self.cfg, dtype=self.connector.dtype)
+
+    def inputs_embeds(self, mel, input_ids, audio_index, is_audio, *, groups: int = 1):
+        """The LLM input for a batch laid out by `splice_plan.build_splice_plan`."""
+        text = self.llm.embed(input_ids)
+        return splice(text, self.audio_embeddings(mel), audio_index, is_audio, groups=groups)
+
+    def __call__(self, mel, input_ids, audio_index, is_audio, positions, *, mask=None, groups: int = 1):
+        """Logits `[B, L, vocab]` of a spliced batch (no cache; for training and scoring)."""
+        embeds = self.inputs_embeds(mel, input_ids, audio_index, is_audio, groups=groups)
+        logits, _ = self.llm(embeds, positions, mask=mask)
+        return logits
+
+
+# ------------------------------------------------------------------- the released layout
+
+# Where each part's tensors live in a released MuFun folder.
+RELEASED_PREFIXES = {"whisper": "vision_tower._vision_tower.", "connector": "connector._connector.",
+                     "llm": "language_model."}
+
+
+def connector_hf_tensors() -> list[HFTensor]:
+    """The connector's tensors, relative to `RELEASED_PREFIXES["connector"]`."""
+    return [HFTensor((lin, name), f"{lin}.{name}") for lin in ("linear1", "linear2") for name in ("weight", "bias")]
+
+
+def connector_config(cfg: MuFunConfig, d_enc: int, d_llm: int) -> dict:
+    """The connector's entry of a released config (`connector_type` "blp_<n>i_<m>x" and sizes)."""
+    d_in, d_hidden, d_out = cfg.connector_dims(d_enc, d_llm)
+    return {"connector_type": f"blp_{len(cfg.fusion_layers)}i_{cfg.connector_hidden_multiple}x",
+            "input_size": d_in, "hidden_size": d_hidden, "output_size": d_out}
+
+
+def check_connector_type(connector_type: str, cfg: MuFunConfig) -> None:
+    """A released `connector_type` must be the blp connector the glue settings describe."""
+    m = re.fullmatch(r"blp_(\d+)i_(\d+)x", connector_type or "")
+    if m is None:
+        raise ValueError(f"connector_type {connector_type!r} is not the 'blp_<n>i_<m>x' connector "
+                         "jaxmusic implements")
+    if int(m.group(1)) != len(cfg.fusion_layers) or int(m.group(2)) != cfg.connector_hidden_multiple:
+        raise ValueError(f"connector_type {m.group(0)} needs {m.group(1)} fusion layers and hidden multiple "
+                         f"{m.group(2)}; the MuFun config has {list(cfg.fusion_layers)} and "
+                         f"{cfg.connector_hidden_multiple} (pass --mufun-config)")
+
+
+def _count_layers(tensors, pattern: str) -> int:
+    found = {int(m.group(1)) for k in tensors if (m := re.fullmatch(pattern, k))}
+    return max(found) + 1 if found else 0
+
+
+def infer_whisper_config(config: dict, tensors: dict) -> dict:
+    """A released `vision_config` with missing sizes filled in from the encoder's tensors
+    (`{name: anything with .shape}`); attention heads are 64 wide in every Whisper size."""
+    p = RELEASED_PREFIXES["whisper"]
+    out = dict(config)
+    if p + "conv1.weight" in tensors:
+        d, n_mels, _ = tensors[p + "conv1.weight"].shape
+        out.setdefault("d_model", d)
+        out.setdefault("num_mel_bins", n_mels)
+        out.setdefault("encoder_attention_heads", d // 64)
+    if p + "embed_positions.weight" in tensors:
+        out.setdefault("max_source_positions", tensors[p + "embed_positions.weight"].shape[0])
+    if p + "layers.0.fc1.weight" in tensors:
+        out.setdefault("encoder_ffn_dim", tensors[p + "layers.0.fc1.weight"].shape[0])
+    out.setdefault("encoder_layers", _count_layers(tensors, re.escape(p) + r"layers\.(\d+)\.fc1\.weight"))
+    return out
+
+
+def infer_qwen3_config(config: dict, tensors: dict) -> dict:
+    """A released `text_config` with missing sizes filled in from the LLM's tensors."""
+    p = RELEASED_PREFIXES["llm"] + "model."
+    out = dict(config)
+    if p + "embed_tokens.weight" in tensors:
+        vocab, hidden = tensors[p + "embed_tokens.weight"].shape
+        out.setdefault("vocab_size", vocab)
+        out.setdefault("hidden_size", hidden)
+    q, k, norm = (tensors.get(p + f"layers.0.self_attn.{n}.weight") for n in ("q_proj", "k_proj", "q_norm"))
+    if norm is not None:
+        head_dim = norm.shape[0]
+        out.setdefault("head_dim", head_dim)
+        if q is not None:
+            out.setdefault("num_attention_heads", q.shape[0] // head_dim)
+        if k is not None:
+            out.setdefault("num_key_value_heads", k.shape[0] // head_dim)
+    if p + "layers.0.mlp.gate_proj.weight" in tensors:
+        out.setdefault("intermediate_size", tensors[p + "layers.0.mlp.gate_proj.weight"].shape[0])
+    out.setdefault("num_hidden_layers",
+                   _count_layers(tensors, re.escape(p) + r"layers\.(\d+)\.mlp\.gate_proj\.weight"))
+    out.setdefault("tie_word_embeddings", RELEASED_PREFIXES["llm"] + "lm_head.weight" not in tensors)
+    out.setdefault("rms_norm_eps", 1e-6)
+    if "rope_parameters" not in out and "rope_theta" not in out:
+        out["rope_parameters"] = {"rope_type": "default", "rope_theta": 1e6}  # Qwen3's
+    return out
+
+
+def released_config(whisper_hf: dict, llm_hf: dict, connector: dict, base: dict | None = None) -> dict:
+    """The `config.json` of a released-layout folder (the sizes MuFun's code reads), over `base`."""
+    config = dict(base or {})
+    config.update(model_type="tinyllava", connector_type=connector["connector_type"],
+                  hidden_size=llm_hf["hidden_size"], vision_hidden_size=whisper_hf["d_model"],
+                  text_config=llm_hf, vision_config=whisper_hf)
+    config.setdefault("architectures", ["TinyLlavaForConditionalGeneration"])
+    return config
