@@ -2,6 +2,7 @@
 
 import ast
 import os
+import re
 import subprocess
 import sys
 import sysconfig
@@ -87,3 +88,29 @@ def test_a_non_editable_install_runs_outside_the_repo(tmp_path):
     r = subprocess.run([str(env_dir / "bin" / "python"), "-c", check], cwd=outside, env=env,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
+
+
+def test_compiled_step_names_the_blocks_for_profiles():
+    """Profiles and HLO dumps say where time goes: ops carry the blocks' `jax.named_scope`s."""
+    import jax
+    from flax import nnx
+
+    from jaxmusic.losses import cross_entropy
+    from jaxmusic.train import config as C
+    from jaxmusic.train.state import ModelSpec
+    from jaxmusic.train.synthetic import SyntheticSource
+
+    stage = C.load(REPO / "configs" / "stages" / "tiny.yaml").stages[0]
+    spec = ModelSpec.from_stage(stage)
+    graphdef, state = nnx.split(spec.build(nnx.Rngs(0)))
+    source = SyntheticSource(vocab_size=spec.llm.vocab_size, n_mels=spec.whisper.num_mel_bins,
+                             frames=2 * spec.whisper.max_source_positions, tokens_per_chunk=spec.tokens_per_chunk,
+                             seq_len=stage.data.seq_len, chunks_per_row=stage.data.chunks_per_row, global_rows=2,
+                             rows=slice(0, 2))
+    batch = next(source)
+    grad = jax.jit(jax.grad(lambda st, b: cross_entropy(nnx.merge(graphdef, st), b)[0]))
+    text = grad.lower(state, batch).compile().as_text()
+    for scope in ("conv_stem", "encoder_layer/attention", "encoder_layer/mlp", "final_norm", "fuse_pool",
+                  "connector", "embed", "splice", "decoder_layer/attention", "decoder_layer/mlp", "lm_head",
+                  "loss"):
+        assert re.search(rf"[/(]{scope}[/)]", text), scope  # forward: .../scope/op, backward: jvp(scope)
