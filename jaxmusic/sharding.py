@@ -32,6 +32,7 @@ from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from jaxmusic.errors import UserError
+from jaxmusic.trees import unflatten
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +168,7 @@ def state_shardings(abstract_state: nnx.State, mesh: Mesh) -> dict:
         path = tuple(str(k) for k in path)
         spec = logical_to_spec(param_axes(path, variable), mesh, variable.shape, what="/".join(path))
         flat[path] = NamedSharding(mesh, spec)
-    return _unflatten(flat)
+    return unflatten(flat)
 
 
 def batch_sharding(mesh: Mesh, ndim: int, *, microbatched: bool = True) -> NamedSharding:
@@ -217,13 +218,3 @@ def to_global(mesh: Mesh, local: Mapping[str, np.ndarray], global_rows: Mapping[
         shape[row_axis] = global_rows[key]
         out[key] = jax.make_array_from_process_local_data(sharding, value, tuple(shape))
     return out
-
-
-def _unflatten(flat: Mapping[tuple[str, ...], object]) -> dict:
-    tree: dict = {}
-    for path, value in flat.items():
-        node = tree
-        for key in path[:-1]:
-            node = node.setdefault(key, {})
-        node[path[-1]] = value
-    return tree

@@ -34,7 +34,7 @@ def test_config_errors(tmp_path):
         M.MuFunConfig().check_encoder_depth(31)
     with pytest.raises(ValueError, match="unknown MuFun config keys: \\['pool_size'\\]"):
         M.MuFunConfig.from_dict({"pool_size": 5})
-    with pytest.raises(FileNotFoundError, match="MuFun config not found"):
+    with pytest.raises(ValueError, match="config not found"):
         M.MuFunConfig.from_yaml(tmp_path / "nope.yaml")
     bad = tmp_path / "bad.yaml"
     bad.write_text("fusion_layers: [0, 7\n")

@@ -31,6 +31,7 @@ import numpy as np
 
 from jaxmusic.errors import UserError
 from jaxmusic.models.hf_mapping import HFTensor
+from jaxmusic.trees import flatten, unflatten
 
 log = logging.getLogger(__name__)
 
@@ -145,23 +146,6 @@ def stored_shapes(params_dir: str | os.PathLike) -> dict[tuple[str, ...], tuple[
             for keys, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
-def _flat(tree: dict, prefix: tuple = ()) -> dict:
-    out = {}
-    for k, v in tree.items():
-        out.update(_flat(v, prefix + (k,)) if isinstance(v, dict) else {prefix + (k,): v})
-    return out
-
-
-def _nest(flat: dict) -> dict:
-    tree: dict = {}
-    for path, v in flat.items():
-        node = tree
-        for k in path[:-1]:
-            node = node.setdefault(k, {})
-        node[path[-1]] = v
-    return tree
-
-
 def restore_params(params_dir: str | os.PathLike, abstract: dict) -> dict:
     """Restore the pure-dict tree `abstract` (`jax.ShapeDtypeStruct`s carrying their target
     shardings) from an Orbax params folder, reading version 1 names into today's layout.
@@ -174,7 +158,7 @@ def restore_params(params_dir: str | os.PathLike, abstract: dict) -> dict:
 
     params_dir = Path(params_dir).absolute()
     stored = stored_shapes(params_dir)
-    wanted = _flat(abstract)
+    wanted = flatten(abstract)
     legacy = {old: new for old, new in LEGACY_LAYOUT.items() if old in stored and new[0] in wanted}
     read = dict(wanted)
     for old, (new, axes) in legacy.items():
@@ -188,15 +172,15 @@ def restore_params(params_dir: str | os.PathLike, abstract: dict) -> dict:
         log.warning("%s: version 1 layout (connector and convolution kernels); read into today's layout",
                     params_dir.parent)
     default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = _nest(read)
+    target = unflatten(read)
     shardings = jax.tree.map(lambda a: getattr(a, "sharding", None) or default, target)
     restore_args = ocp.checkpoint_utils.construct_restore_args(target, shardings)
     with ocp.PyTreeCheckpointer() as checkpointer:
-        restored = _flat(checkpointer.restore(params_dir, args=ocp.args.PyTreeRestore(
+        restored = flatten(checkpointer.restore(params_dir, args=ocp.args.PyTreeRestore(
             item=target, restore_args=restore_args, partial_restore=True)))
     for old, (new, axes) in legacy.items():
         restored[new] = jax.device_put(restored.pop(old).transpose(axes), wanted[new].sharding or default)
-    return _nest(restored)
+    return unflatten(restored)
 
 
 def load_params(ckpt: str | os.PathLike, part: str, abstract, shardings=None) -> dict:

@@ -38,7 +38,7 @@ from jaxmusic.templates import AUDIO_PLACEHOLDER
 
 PARTS = ("whisper", "connector", "llm")  # in data-flow order
 CONNECTOR_INITS = ("normal", "torch_linear")
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "mufun.yaml"
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "mufun.yaml"  # the released model's
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,18 +79,9 @@ class MuFunConfig:
     @classmethod
     def from_yaml(cls, path: str | Path | None = None) -> "MuFunConfig":
         """From a YAML file of settings; by default the released model's (`DEFAULT_CONFIG`)."""
-        import yaml
+        from jaxmusic.configs import load_yaml
 
-        path = Path(path or DEFAULT_CONFIG)
-        if not path.is_file():
-            raise FileNotFoundError(f"MuFun config not found: {path}")
-        try:
-            d = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as e:
-            raise ValueError(f"{path}: not valid YAML ({e})") from None
-        if not isinstance(d, dict):
-            raise ValueError(f"{path}: expected a mapping of MuFun settings")
-        return cls.from_dict(d)
+        return cls.from_dict(load_yaml(path or DEFAULT_CONFIG))
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready settings (as stored in a checkpoint's `jaxmusic.json`)."""

@@ -25,11 +25,7 @@ from typing import Any
 import yaml
 
 from jaxmusic.checkpoints.training import CheckpointSection
-from jaxmusic.errors import UserError
-
-
-class ConfigError(UserError, ValueError):
-    """A configuration file or override that cannot be used."""
+from jaxmusic.configs import ConfigError, load_yaml  # noqa: F401 (ConfigError re-exported)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -248,18 +244,6 @@ def apply_override(d: dict, path: list[str], value: Any) -> None:
             raise ConfigError(f"override {'.'.join(path)}: {'.'.join(path[:i + 1])} is not a mapping")
         node = child
     node[path[-1]] = value
-
-
-def load_yaml(path: Path) -> dict:
-    if not path.is_file():
-        raise ConfigError(f"config not found: {path}")
-    try:
-        d = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({e})") from None
-    if not isinstance(d, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level")
-    return d
 
 
 @dataclasses.dataclass(frozen=True)

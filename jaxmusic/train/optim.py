@@ -12,35 +12,14 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any, Iterable, Mapping
+from typing import Iterable, Mapping
 
 import optax
 from flax import nnx
 
 from jaxmusic.train.config import ConfigError, OptimizerSection
+from jaxmusic.trees import Path, flatten, unflatten
 
-Path = tuple[str, ...]
-
-
-def flatten(tree: Mapping) -> dict[Path, Any]:
-    """Nested dict -> `{path tuple: leaf}`."""
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, Mapping):
-            out.update({(key,) + p: v for p, v in flatten(value).items()})
-        else:
-            out[(key,)] = value
-    return out
-
-
-def unflatten(flat: Mapping[Path, Any]) -> dict:
-    tree: dict = {}
-    for path, value in flat.items():
-        node = tree
-        for key in path[:-1]:
-            node = node.setdefault(key, {})
-        node[path[-1]] = value
-    return tree
 
 
 def path_str(path: Path) -> str:
