@@ -6,7 +6,8 @@ import numpy as np
 from flax import nnx
 
 from jaxmusic.models import mufun, splice_plan
-from jaxmusic.data.packing import BatchShape, assemble_batch, segment_attention_mask
+from jaxmusic.data.config import DataConfig
+from jaxmusic.data.packing import assemble_batch, segment_attention_mask
 from jaxmusic.models.qwen3 import Qwen3Config, Qwen3ForCausalLM
 from jaxmusic.nn import ModelOptions
 
@@ -28,7 +29,12 @@ def example(pieces, masks, chunks, audio_len=1000):
 A = example([[1, 2, 3], [4, 5]], [[0, 0, 0], [1, 1]], [1])                         # 3 + 300 + 2 = 305
 B = example([[6, 7], [8], [9, 10, 11]], [[0, 0], [0], [1, 1, 1]], [2, 1])          # 2 + 600 + 1 + 300 + 3 = 906
 C = example([[12, 13, 14]], [[0, 1, 1]], [])                                       # text only: 3
-SHAPE = BatchShape(batch_size=3, seq_len=1400, max_chunks=4, features="waveform", pad_id=PAD)
+CFG = DataConfig(seq_len=1400, chunks_per_row=4, features="waveform")
+ROWS = 3
+
+
+def assemble(rows):
+    return assemble_batch(rows, CFG, batch_size=ROWS, tokens_per_chunk=P, pad_id=PAD)
 
 
 def expected_row(parts):
@@ -56,13 +62,13 @@ def expected_row(parts):
         seg += [segment] * n
         pos += list(range(len(pos) - start, len(pos) - start + n))
         labels[start] = IGN  # the first position of every sample carries no loss
-    pad = SHAPE.seq_len - len(ids)
+    pad = CFG.seq_len - len(ids)
     return (ids + [PAD] * pad, labels + [IGN] * pad, seg + [0] * pad, pos + [0] * pad,
             is_audio + [False] * pad, audio_index + [0] * pad)
 
 
 def test_packed_rows_are_laid_out_exactly():
-    batch = assemble_batch([[A, B], [C]], SHAPE)
+    batch = assemble([[A, B], [C]])
     rows = [
         expected_row([("start",), ("t", [1, 2, 3], [0, 0, 0]), ("a", 1), ("t", [4, 5], [1, 1]),
                       ("start",), ("t", [6, 7], [0, 0]), ("a", 2), ("t", [8], [0]), ("a", 1),
@@ -91,11 +97,11 @@ def test_packed_rows_are_laid_out_exactly():
 
 def test_batch_feeds_the_splice():
     """Encoder output for chunk slot (b, c) lands exactly where the batch says, row by row."""
-    batch = assemble_batch([[A, B], [C]], SHAPE)
-    b, c = SHAPE.batch_size, SHAPE.max_chunks
+    batch = assemble([[A, B], [C]])
+    b, c = ROWS, CFG.chunks_per_row
     # fake audio tokens: value = 1000 * (flat chunk slot) + token within the chunk
     tag = (1000 * np.arange(b * c)[:, None] + np.arange(P)[None, :]).astype(np.float32)
-    spliced = mufun.splice(jnp.full((b, SHAPE.seq_len, 1), -1.0), jnp.asarray(tag)[..., None],
+    spliced = mufun.splice(jnp.full((b, CFG.seq_len, 1), -1.0), jnp.asarray(tag)[..., None],
                            jnp.asarray(batch["audio_index"]), jnp.asarray(batch["is_audio"]), groups=b)
     got = np.asarray(spliced)[..., 0]
     # row 0: A's audio at 3..302 from slot 0; B's two chunks from slots 1, 2; its last file from slot 3

@@ -13,9 +13,13 @@ from jaxmusic import audio as A
 from jaxmusic import templates as T
 from jaxmusic.data import manifest as M
 from jaxmusic.data import pipeline as P
-from jaxmusic.data.examples import ExampleBuilder, ExampleSpec
+from jaxmusic.configs import ConfigError
+from jaxmusic.data.config import DataConfig
+from jaxmusic.data.examples import ExampleBuilder
 
 SR = 16000
+TPC = 300  # MuFun's audio tokens per 30 s chunk
+RUN = dict(batch_size=2, tokens_per_chunk=TPC, process_index=0, process_count=1)  # make_dataset's run arguments
 
 
 def make_tokenizer():
@@ -79,15 +83,20 @@ def data(tmp_path_factory):
     return {"root": root, "audio": audio, "records": records, "jsonl": jsonl, "json": listed}
 
 
-def cfg_for(data, manifests=None, **kw):
-    base = dict(manifests=manifests or [data["jsonl"]], audio_root=str(data["audio"]), batch_size=2,
-                seq_len=1024, max_chunks=3, features="waveform", seed=7, prefetch_batches=0)
-    return P.DataConfig(**{**base, **kw})
+def cfg_for(data, manifests=None, weights=None, **kw):
+    manifests = manifests or [data["jsonl"]]
+    mixture = [{"manifest": m, "weight": w} for m, w in zip(manifests, weights or [None] * len(manifests))]
+    base = dict(mixture=mixture, audio_root=str(data["audio"]), seq_len=1024, chunks_per_row=3,
+                features="waveform", seed=7, workers=0, prefetch_batches=0)
+    return DataConfig(**{**base, **kw})
+
+
+def batches_of(cfg, tok, **kw):
+    return iter(P.make_dataset(cfg, tok, **{**RUN, **kw}))
 
 
 def run(cfg, tok, **kw):
-    it = iter(P.make_dataset(cfg, tok, process_index=kw.pop("process_index", 0),
-                             process_count=kw.pop("process_count", 1)))
+    it = batches_of(cfg, tok, **kw)
     batches = list(it)
     state = it.get_state()
     it.close()
@@ -146,9 +155,9 @@ def test_time_crops_one_pair_or_one_per_file():
 # ------------------------------------------------------------------------------ examples
 
 def test_example_matches_front_end_and_template(data, tok):
-    spec = ExampleSpec(audio_root=str(data["audio"]), seq_len=1024, max_chunks=3, features="log_mel")
+    cfg = DataConfig(audio_root=str(data["audio"]), seq_len=1024, chunks_per_row=3, features="log_mel")
     raw = M.ManifestSource(data["jsonl"])[1]  # two files: b.flac and d.ogg
-    ex = ExampleBuilder(spec, tok)(raw)
+    ex = ExampleBuilder(cfg, tok, tokens_per_chunk=TPC)(raw)
     rec = data["records"][1]
     want_text = T.encode_conversation("qwen2_instruct", rec["conversations"], 2, tok)
     for got, want in zip(ex["pieces"], want_text.pieces):
@@ -156,31 +165,32 @@ def test_example_matches_front_end_and_template(data, tok):
     for got, name in zip(ex["audio"], rec["audio"]):
         want = A.log_mel_np(A.chunk_waveform(A.load_audio(data["audio"] / name)))
         np.testing.assert_array_equal(got, want)
-    assert ex["length"] == sum(len(p) for p in ex["pieces"]) + 2 * 300
+    assert ex["length"] == sum(len(p) for p in ex["pieces"]) + 2 * TPC
     assert ex["where"] == f"{data['jsonl']}:2"
 
 
 def test_text_is_truncated_only_after_the_audio(data, tok):
     long_answer = " ".join(f"word{i}" for i in range(400))
     rec = {"audio": "long.wav", "conversations": conv("<audio>\nDescribe it.", long_answer)}
-    spec = ExampleSpec(audio_root=str(data["audio"]), seq_len=800, max_chunks=3, features=None)
-    ex = ExampleBuilder(spec, tok)(M.RawRecord("m", 1, json.dumps(rec).encode()))
+    cfg = DataConfig(audio_root=str(data["audio"]), seq_len=800, chunks_per_row=3)
+    ex = ExampleBuilder(cfg, tok, tokens_per_chunk=TPC, with_audio=False)(M.RawRecord("m", 1, json.dumps(rec).encode()))
     assert ex["truncated"] and ex["length"] == 800
     full = T.encode_conversation("qwen2_instruct", rec["conversations"], 1, tok)
     np.testing.assert_array_equal(ex["pieces"][0], full.pieces[0])  # text before the audio is whole
     np.testing.assert_array_equal(ex["pieces"][1], full.pieces[1][: 800 - 600 - len(full.pieces[0])])
     # the audio alone (600 tokens + prompt) past the budget: dropped, never cut
-    small = ExampleSpec(audio_root=str(data["audio"]), seq_len=600, max_chunks=3, features=None)
-    skip = ExampleBuilder(small, tok)(M.RawRecord("m", 1, json.dumps(rec).encode()))
+    small = DataConfig(audio_root=str(data["audio"]), seq_len=600, chunks_per_row=3)
+    skip = ExampleBuilder(small, tok, tokens_per_chunk=TPC, with_audio=False)(M.RawRecord("m", 1, json.dumps(rec).encode()))
     assert skip["skip"] == "audio_exceeds_budget"
 
 
 def test_max_audio_seconds_crops_before_chunking(data, tok):
     rec = {"audio": "long.wav", "conversations": conv("<audio>\nDescribe it.", "calm")}
     raw = M.RawRecord("m", 1, json.dumps(rec).encode())
-    whole = ExampleBuilder(ExampleSpec(audio_root=str(data["audio"]), features="waveform"), tok)(raw)
-    cut = ExampleBuilder(ExampleSpec(audio_root=str(data["audio"]), features="waveform",
-                                     max_audio_seconds=30.0), tok)(raw)
+    whole = ExampleBuilder(DataConfig(audio_root=str(data["audio"]), features="waveform",
+                                      max_audio_seconds=None), tok, tokens_per_chunk=TPC)(raw)
+    cut = ExampleBuilder(DataConfig(audio_root=str(data["audio"]), features="waveform",
+                                    max_audio_seconds=30.0), tok, tokens_per_chunk=TPC)(raw)
     assert list(whole["chunks"]) == [2] and list(cut["chunks"]) == [1]
     np.testing.assert_array_equal(cut["audio"][0], whole["audio"][0][: 30 * SR])
 
@@ -229,9 +239,9 @@ def salted(data):
 def test_every_bad_kind_is_skipped_counted_and_reported(data, tok, salted, tmp_path, caplog):
     path, bad, lines = salted
     report = tmp_path / "report.json"
-    cfg = cfg_for(data, [path], report_path=str(report), prefetch_batches=2)
+    cfg = cfg_for(data, [path], prefetch_batches=2)
     with caplog.at_level(logging.WARNING, logger="jaxmusic.data"):
-        batches, state = run(cfg, tok)
+        batches, state = run(cfg, tok, report_path=str(report))
     assert state["skipped"] == {reason: 1 for reason in bad}
     assert state["examples"] == len(data["records"])
     # one warning line per skip, naming file:line and the reason, and a summary at the end
@@ -295,9 +305,9 @@ def test_same_seed_same_batches_different_seed_different_order(data, tok):
 
 def test_process_shards_partition_the_records(data, tok):
     for weights in (None, (1.0, 3.0)):
-        cfg = cfg_for(data, [data["jsonl"], data["json"]], weights=weights, num_epochs=2)
-        whole = [r.where for r in P.record_dataset(cfg, 0, 1)]
-        shards = [[r.where for r in P.record_dataset(cfg, i, 3)] for i in range(3)]
+        cfg = cfg_for(data, [data["jsonl"], data["json"]], weights=weights)
+        whole = [r.where for r in P.record_dataset(cfg, 0, 1, num_epochs=2)]
+        shards = [[r.where for r in P.record_dataset(cfg, i, 3, num_epochs=2)] for i in range(3)]
         assert sorted(sum(shards, [])) == sorted(whole)
         assert [s[k] for k in range(len(shards[2])) for s in shards] == whole[: 3 * len(shards[2])]
         if weights is None:  # the union: every record exactly num_epochs times
@@ -315,8 +325,8 @@ def test_process_shards_partition_the_records(data, tok):
 def test_weighted_mixture_follows_the_weights(data, tmp_path):
     other = tmp_path / "other.jsonl"
     other.write_text("\n".join(json.dumps(r) for r in data["records"][:4]) + "\n")
-    cfg = cfg_for(data, [data["jsonl"], other], weights=(1.0, 3.0), num_epochs=5)
-    stream = [r.manifest for r in P.record_dataset(cfg)]
+    cfg = cfg_for(data, [data["jsonl"], other], weights=(1.0, 3.0))
+    stream = [r.manifest for r in P.record_dataset(cfg, num_epochs=5)]
     assert len(stream) == 5 * 18
     share = stream.count(str(other)) / len(stream)
     assert abs(share - 0.75) < 0.02  # reached: 0.75
@@ -324,15 +334,15 @@ def test_weighted_mixture_follows_the_weights(data, tmp_path):
 
 def test_resume_reproduces_the_remaining_batches(data, tok):
     for packing in (False, True):
-        cfg = cfg_for(data, packing=packing, prefetch_batches=2, num_epochs=2, seq_len=2048, max_chunks=4)
-        full, _ = run(cfg, tok)
-        it = iter(P.make_dataset(cfg, tok, process_index=0, process_count=1))
+        cfg = cfg_for(data, packing=packing, prefetch_batches=2, seq_len=2048, chunks_per_row=4)
+        full, _ = run(cfg, tok, num_epochs=2)
+        it = batches_of(cfg, tok, num_epochs=2)
         head = [next(it) for _ in range(3)]
         state = json.loads(json.dumps(it.get_state()))  # must survive a JSON checkpoint
         it.close()
         if packing:
             assert state["pending"], "the test should cover examples deferred across the cut"
-        restored = iter(P.make_dataset(cfg, tok, process_index=0, process_count=1))
+        restored = batches_of(cfg, tok, num_epochs=2)
         restored.set_state(state)
         tail = list(restored)
         restored.close()
@@ -343,14 +353,14 @@ def test_two_workers_match_in_process_and_resume_across_worker_counts(data, tok,
     path = salted[0]
     cfg0 = cfg_for(data, [path], packing=True)
     ref, ref_state = run(cfg0, tok)
-    cfg2 = cfg_for(data, [path], packing=True, num_workers=2)
-    it = iter(P.make_dataset(cfg2, tok, process_index=0, process_count=1))
+    cfg2 = cfg_for(data, [path], packing=True, workers=2)
+    it = batches_of(cfg2, tok)
     it.start_prefetch()  # workers start before the first batch is asked for
     got = [next(it) for _ in range(2)]
     state = it.get_state()
     it.close()
     # resume the 2-worker run without workers: the state does not depend on the worker count
-    it0 = iter(P.make_dataset(cfg0, tok, process_index=0, process_count=1))
+    it0 = batches_of(cfg0, tok)
     it0.set_state(state)
     got += list(it0)
     final = it0.get_state()
@@ -366,7 +376,7 @@ def _samples(batches):
         for r in range(b["input_ids"].shape[0]):
             for s in range(1, b["segment_ids"][r].max() + 1):
                 at = b["segment_ids"][r] == s
-                slots = np.unique(b["audio_index"][r][at & b["is_audio"][r]] // 300)
+                slots = np.unique(b["audio_index"][r][at & b["is_audio"][r]] // TPC)
                 wave = b["wave"].reshape(len(b["input_ids"]), -1, A.CHUNK_SAMPLES)[r]
                 out.append((b["input_ids"][r][at].tobytes(), b["labels"][r][at].tobytes(),
                             b["positions"][r][at].tobytes(), wave[slots].tobytes()))
@@ -374,8 +384,8 @@ def _samples(batches):
 
 
 def test_packing_keeps_every_example_in_fewer_rows(data, tok):
-    plain, _ = run(cfg_for(data, seq_len=2048, max_chunks=4), tok)
-    packed, state = run(cfg_for(data, seq_len=2048, max_chunks=4, packing=True), tok)
+    plain, _ = run(cfg_for(data, seq_len=2048, chunks_per_row=4), tok)
+    packed, state = run(cfg_for(data, seq_len=2048, chunks_per_row=4, packing=True), tok)
     assert sorted(_samples(plain)) == sorted(_samples(packed))
     assert len(_samples(packed)) == len(data["records"]) == state["examples"]
     assert len(packed) < len(plain)
@@ -386,13 +396,33 @@ def test_packing_keeps_every_example_in_fewer_rows(data, tok):
 
 def test_log_mel_batches(data, tok):
     cfg = cfg_for(data, features="log_mel", shuffle=False)
-    it = iter(P.make_dataset(cfg, tok, process_index=0, process_count=1))
+    it = batches_of(cfg, tok)
     batch = next(it)
     it.close()
     assert batch["mel"].shape == (2 * 3, 128, 3000) and batch["mel"].dtype == np.float32
     first = A.log_mel_np(A.chunk_waveform(A.load_audio(data["audio"] / data["records"][0]["audio"])))
     np.testing.assert_array_equal(batch["mel"][: len(first)], first)
     assert batch["chunk_mask"][:3].sum() == len(first) and not batch["mel"][len(first):3].any()
+
+
+def test_config_errors_name_the_key_and_the_encoder_input_comes_from_the_model(data, tok):
+    with pytest.raises(ConfigError, match=r"data.features: 'mel' is not one of"):
+        DataConfig(features="mel")
+    with pytest.raises(ConfigError, match="give every manifest a weight, or none"):
+        DataConfig(mixture=[{"manifest": "a.jsonl", "weight": 1}, {"manifest": "b.jsonl"}])
+    with pytest.raises(ConfigError, match=r"data.mixture: a list of \{manifest"):
+        P.make_dataset(DataConfig(), tok, **RUN)
+    # 30 s chunks make 3000 frames; other mel bins than Whisper-large-v3's only as host log-mels
+    with pytest.raises(ConfigError, match="3000 log-mel frames; this encoder takes 60"):
+        P.make_dataset(cfg_for(data), tok, **RUN, mel_shape=(16, 60))
+    with pytest.raises(ConfigError, match="takes 80 bins: set data.features log_mel"):
+        P.make_dataset(cfg_for(data), tok, **RUN, mel_shape=(80, 3000))
+    it = batches_of(cfg_for(data, features="log_mel", shuffle=False), tok, mel_shape=(80, 3000))
+    batch = next(it)
+    it.close()
+    assert batch["mel"].shape == (2 * 3, 80, 3000)
+    first = A.log_mel_np(A.chunk_waveform(A.load_audio(data["audio"] / data["records"][0]["audio"])), 80)
+    np.testing.assert_array_equal(batch["mel"][: len(first)], first)
 
 
 def test_data_check_reports_every_manifest(data, tok, salted, tmp_path, capsys):

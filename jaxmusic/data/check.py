@@ -12,26 +12,42 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import json
 import os
 import sys
 
 import numpy as np
 
-from jaxmusic.data.examples import ExampleSpec, is_skip
+from jaxmusic import templates as T
+from jaxmusic.data.config import DataConfig
+from jaxmusic.data.examples import ExampleBuilder, is_skip
 from jaxmusic.data.manifest import BAD_DATA
-from jaxmusic.data.packing import BatchShape, Rows, fill_rows
-from jaxmusic.data.pipeline import DataConfig, element_dataset, element_stream
+from jaxmusic.data.packing import Rows, fill_rows
+from jaxmusic.data.pipeline import element_stream, record_dataset
+
+# `data check` has no model: MuFun's 1500 Whisper encoder frames per 30 s chunk, mean-pooled
+# by 5 (jaxmusic/configs/mufun.yaml), unless --tokens-per-chunk says otherwise.
+MUFUN_TOKENS_PER_CHUNK = 300
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    defaults = DataConfig()
     parser = parser or argparse.ArgumentParser(prog="jaxmusic data check", description=__doc__)
     parser.add_argument("manifests", nargs="+", metavar="MANIFEST", help="JSON list or JSONL files")
     parser.add_argument("--audio-root", required=True, help="folder the manifests' audio paths are relative to")
-    parser.add_argument("--template", default="qwen2_instruct", choices=("pretrain", "qwen2_instruct"))
-    parser.add_argument("--seq-len", type=int, default=4096, help="tokens per row (default 4096)")
-    parser.add_argument("--max-chunks", type=int, default=None,
-                        help="30 s audio chunks per row (default: seq_len // 300)")
+    parser.add_argument("--template", default=defaults.template, choices=T.TEMPLATES)
+    parser.add_argument("--seq-len", type=int, default=defaults.seq_len,
+                        help=f"tokens per row, a stage's data.seq_len (default {defaults.seq_len})")
+    parser.add_argument("--chunks-per-row", "--max-chunks", type=int, default=None,
+                        help="30 s audio chunks per row, a stage's data.chunks_per_row "
+                             "(default: as many as fit, seq_len // tokens-per-chunk)")
+    parser.add_argument("--max-audio-seconds", type=float, default=defaults.max_audio_seconds,
+                        help="keep only the start of every file, a stage's data.max_audio_seconds "
+                             f"(default {defaults.max_audio_seconds:g})")
+    parser.add_argument("--tokens-per-chunk", type=int, default=MUFUN_TOKENS_PER_CHUNK,
+                        help=f"the model's audio tokens per 30 s chunk (default {MUFUN_TOKENS_PER_CHUNK}, "
+                             "MuFun's: 1500 encoder frames mean-pooled by 5)")
     parser.add_argument("--batch-size", type=int, default=8, help="rows per batch, for the packing estimate")
     parser.add_argument("--tokenizer", default=None,
                         help="local Hugging Face tokenizer folder; without it token lengths count audio only")
@@ -57,35 +73,35 @@ def _histogram(values, edges) -> dict[str, int]:
     return {f"{int(a)}-{int(b) - 1}": int(n) for a, b, n in zip(edges[:-1], edges[1:], counts)}
 
 
-def padding_share(lengths, chunks, shape: BatchShape, packing: bool, lookahead: int = 8, seed: int = 0):
-    """(token, chunk-slot) padding shares of the batches the pipeline would build, in a
-    shuffled order as in training."""
+def padding_share(lengths, chunks, cfg: DataConfig, batch_size: int):
+    """(token, chunk-slot) padding shares of the batches the pipeline would build (with or
+    without `cfg.packing`), in an order shuffled with `cfg.seed` as in training."""
     if not lengths:
         return 0.0, 0.0
-    order = np.random.default_rng(seed).permutation(len(lengths))
+    order = np.random.default_rng(cfg.seed).permutation(len(lengths))
     todo = iter([{"length": int(lengths[i]), "chunks": np.array([chunks[i]])} for i in order])
     waiting, n_batches = [], 0
     while True:
-        rows = Rows(shape, max_per_row=None if packing else 1)
-        waiting = fill_rows(rows, waiting, lambda: next(todo, None), lookahead)
+        rows = Rows(cfg, batch_size)
+        waiting = fill_rows(rows, waiting, lambda: next(todo, None))
         if rows.empty():
             break
         n_batches += 1
-    slots = n_batches * shape.batch_size
-    return (1.0 - sum(lengths) / (slots * shape.seq_len),
-            1.0 - sum(chunks) / (slots * shape.max_chunks))
+    slots = n_batches * batch_size
+    return (1.0 - sum(lengths) / (slots * cfg.seq_len),
+            1.0 - sum(chunks) / (slots * cfg.chunks_per_row))
 
 
 def check_manifest(path: str, args, tokenizer) -> dict:
     from tqdm import tqdm
 
-    max_chunks = args.max_chunks or max(1, args.seq_len // 300)
-    cfg = DataConfig(manifests=(path,), audio_root=args.audio_root, template=args.template,
-                     batch_size=args.batch_size, seq_len=args.seq_len, max_chunks=max_chunks,
-                     shuffle=False, num_workers=args.workers if args.workers > 1 else 0)
-    spec = ExampleSpec(audio_root=args.audio_root, template=args.template, seq_len=args.seq_len,
-                       max_chunks=max_chunks, features=None)
-    elements = element_dataset(cfg, tokenizer, spec=spec)
+    cfg = DataConfig(mixture=[{"manifest": path}], audio_root=args.audio_root, template=args.template,
+                     seq_len=args.seq_len,
+                     chunks_per_row=args.chunks_per_row or max(1, args.seq_len // args.tokens_per_chunk),
+                     max_audio_seconds=args.max_audio_seconds, shuffle=False,
+                     workers=args.workers if args.workers > 1 else 0)
+    builder = ExampleBuilder(cfg, tokenizer, tokens_per_chunk=args.tokens_per_chunk, with_audio=False)
+    elements = record_dataset(cfg).map(builder)
     skipped, examples = collections.Counter(), []
     first_bad = {}
     stream = element_stream(elements, cfg)
@@ -101,9 +117,8 @@ def check_manifest(path: str, args, tokenizer) -> dict:
         getattr(stream, "close", lambda: None)()
     lengths = [e[0] for e in examples]
     chunks = [e[1] for e in examples]
-    shape = BatchShape(args.batch_size, args.seq_len, max_chunks)
-    plain = padding_share(lengths, chunks, shape, packing=False)
-    packed = padding_share(lengths, chunks, shape, packing=True)
+    plain = padding_share(lengths, chunks, dataclasses.replace(cfg, packing=False), args.batch_size)
+    packed = padding_share(lengths, chunks, dataclasses.replace(cfg, packing=True), args.batch_size)
     step = max(1, args.seq_len // 8)
     return {
         "manifest": path, "records": len(elements), "usable": len(examples),

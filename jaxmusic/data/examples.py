@@ -8,11 +8,11 @@ element* instead of an example, so the stream keeps one element per record: the 
 stream, and hence every batch, is then the same whatever the number of workers, and the main
 process counts and logs skips exactly once, in stream order (see `pipeline`).
 
-`max_audio_seconds` (optional) keeps only the start of every file, like a `time` crop.
+`max_audio_seconds` keeps only the start of every file, like a `time` crop.
 
-Budget rules (BRIEF §1.6): a sample's sequence is `text_0, audio_1, text_1, ..., audio_n, text_n`
-with `n_chunks * tokens_per_chunk` positions per file. A sample whose audio does not fit (more
-than `max_chunks` chunks, or the last audio token beyond `seq_len`) is skipped as
+Budget rules: a sample's sequence is `text_0, audio_1, text_1, ..., audio_n, text_n` with
+`n_chunks * tokens_per_chunk` positions per file. A sample whose audio does not fit (more
+than `chunks_per_row` chunks, or the last audio token beyond `seq_len`) is skipped as
 `audio_exceeds_budget`; audio is never cut mid-chunk and text before an audio file is never cut.
 Only the text after the last audio file is truncated; if that removes every answer token the
 sample is skipped as `no_answer_within_budget` (it would train on nothing).
@@ -22,7 +22,6 @@ This module needs NumPy, soundfile and a tokenizer, not an accelerator: workers 
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import struct
 import threading
@@ -32,36 +31,12 @@ import soundfile
 
 from jaxmusic import audio as A
 from jaxmusic import templates as T
+from jaxmusic.data.config import DataConfig
 from jaxmusic.data.manifest import BadSample, RawRecord, parse_record
 
-FEATURES = ("waveform", "log_mel")
-TOKENS_PER_CHUNK = 300  # Whisper-large-v3: 1500 encoder frames per chunk, mean pool 5 -> 300
 # A file decoding to this much less than its header declares is truncated. Larger than any
 # encoder delay or padding an mp3 decoder trims (a few ms), far below a real truncation.
 TRUNCATION_TOLERANCE_S = 0.1
-
-
-@dataclasses.dataclass(frozen=True)
-class ExampleSpec:
-    """What a worker needs to know to turn a record into an example."""
-
-    audio_root: str
-    template: str = "qwen2_instruct"
-    seq_len: int = 4096
-    max_chunks: int = 13                 # per row; 13 x 300 = 3900 audio tokens fit 4096
-    features: str | None = "waveform"    # or "log_mel"; None: lengths only (`data check`)
-    max_audio_seconds: float | None = None  # keep only the first this many seconds of each file
-    tokens_per_chunk: int = TOKENS_PER_CHUNK
-
-    def __post_init__(self):
-        if self.template not in T.TEMPLATES:
-            raise ValueError(f"template must be one of {T.TEMPLATES}, got {self.template!r}")
-        if self.features not in FEATURES + (None,):
-            raise ValueError(f"features must be one of {FEATURES}, got {self.features!r}")
-        if self.seq_len < 1 or self.max_chunks < 0 or self.tokens_per_chunk < 1:
-            raise ValueError("seq_len and tokens_per_chunk must be >= 1, max_chunks >= 0")
-        if self.max_audio_seconds is not None and self.max_audio_seconds <= 0:
-            raise ValueError(f"max_audio_seconds must be positive, got {self.max_audio_seconds}")
 
 
 # ------------------------------------------------------------------------------------ audio
@@ -100,7 +75,7 @@ def _declared_seconds(path: str) -> float | None:
 
 
 def _classify_audio_error(e: A.AudioError) -> str:
-    """Map `load_audio`'s messages to skip reasons (kept in step by tests/test_data.py)."""
+    """Map `load_audio`'s messages to skip reasons (kept in step by tests/test_data_pipeline.py)."""
     text = str(e)
     if text.startswith("audio file not found") or text.startswith("audio path is not a file"):
         return "missing_audio"
@@ -133,25 +108,26 @@ def load_checked(path: str, crop: tuple[float, float] | None) -> np.ndarray:
 
 # ------------------------------------------------------------------------------------ budget
 
-def fit_to_budget(text: T.TokenizedText, chunk_counts, spec: ExampleSpec) -> tuple[T.TokenizedText, bool]:
+def fit_to_budget(text: T.TokenizedText, chunk_counts, cfg: DataConfig,
+                  tokens_per_chunk: int) -> tuple[T.TokenizedText, bool]:
     """Applies the budget rules of the module docstring; returns (text, was_truncated)."""
     total_chunks = int(sum(chunk_counts))
-    if total_chunks > spec.max_chunks:
+    if total_chunks > cfg.chunks_per_row:
         raise BadSample("audio_exceeds_budget",
-                        f"{total_chunks} audio chunks exceed max_chunks={spec.max_chunks}")
-    audio_end = sum(len(p) for p in text.pieces[:-1]) + total_chunks * spec.tokens_per_chunk
-    if audio_end > spec.seq_len:
+                        f"{total_chunks} audio chunks exceed chunks_per_row={cfg.chunks_per_row}")
+    audio_end = sum(len(p) for p in text.pieces[:-1]) + total_chunks * tokens_per_chunk
+    if audio_end > cfg.seq_len:
         raise BadSample("audio_exceeds_budget",
-                        f"the last audio token is at position {audio_end} > seq_len={spec.seq_len} "
-                        f"({total_chunks} chunks of {spec.tokens_per_chunk} tokens plus the text before them)")
-    room = spec.seq_len - audio_end
+                        f"the last audio token is at position {audio_end} > seq_len={cfg.seq_len} "
+                        f"({total_chunks} chunks of {tokens_per_chunk} tokens plus the text before them)")
+    room = cfg.seq_len - audio_end
     if len(text.pieces[-1]) <= room:
         return text, False
     pieces = text.pieces[:-1] + (text.pieces[-1][:room],)
     masks = text.loss_masks[:-1] + (text.loss_masks[-1][:room],)
     if not any(m.any() for m in masks):
         raise BadSample("no_answer_within_budget",
-                        f"truncating the text to seq_len={spec.seq_len} leaves no answer token")
+                        f"truncating the text to seq_len={cfg.seq_len} leaves no answer token")
     return T.TokenizedText(pieces, masks), True
 
 
@@ -161,23 +137,31 @@ class ExampleBuilder:
     """`RawRecord -> example dict | skip dict`; a picklable callable for grain's `map`.
 
     Example: `where, pieces [int32], loss_masks [bool], chunks int32 [n_files], length,
-    seconds, truncated` and, unless `spec.features is None`, `audio`: per file either the
-    16 kHz waveform (unpadded, only the samples its chunks keep) or `[n, 128, 3000]` log-mels.
-    Skip: `where, skip (reason), message`.
+    seconds, truncated` and, with `with_audio`, `audio`: per file either the 16 kHz waveform
+    (unpadded, only the samples its chunks keep) or `[n, n_mels, frames]` log-mels, as
+    `cfg.features` says. Skip: `where, skip (reason), message`.
+
+    `tokens_per_chunk` and `n_mels` are the model's (audio tokens per 30 s chunk, log-mel
+    bins); `tokenizer=None` and `with_audio=False` count lengths only (`data check`).
     """
 
-    def __init__(self, spec: ExampleSpec, tokenizer):
-        self.spec = spec  # tokenizer None: lengths count audio tokens only (`data check`)
+    def __init__(self, cfg: DataConfig, tokenizer, *, tokens_per_chunk: int, n_mels: int = A.N_MELS,
+                 with_audio: bool = True):
+        if tokens_per_chunk < 1 or n_mels < 1:
+            raise ValueError(f"tokens_per_chunk and n_mels must be >= 1, got {tokens_per_chunk}, {n_mels}")
+        self.cfg = cfg
         self.tokenizer = tokenizer
+        self.tokens_per_chunk, self.n_mels, self.with_audio = tokens_per_chunk, n_mels, with_audio
         # HF fast tokenizers raise "Already borrowed" when two threads encode at once
         # (grain's read threads); tokenising is a small share of the work, so serialise it.
         self._lock = threading.Lock()
 
     def __getstate__(self):
-        return {"spec": self.spec, "tokenizer": self.tokenizer}
+        return {k: v for k, v in vars(self).items() if k != "_lock"}
 
     def __setstate__(self, state):
-        self.__init__(state["spec"], state["tokenizer"])
+        vars(self).update(state)
+        self._lock = threading.Lock()
 
     def __call__(self, raw: RawRecord) -> dict:
         try:
@@ -189,18 +173,18 @@ class ExampleBuilder:
         n_audio = len(record.audio)
         if self.tokenizer is not None:
             with self._lock:
-                return T.encode_conversation(self.spec.template, record.conversations, n_audio,
+                return T.encode_conversation(self.cfg.template, record.conversations, n_audio,
                                              self.tokenizer)
         # `data check` without a tokenizer: the same validation, no text tokens counted
         turns = T.split_turns(record.conversations, n_audio)
-        if self.spec.template == "pretrain" and len(turns) != n_audio:
+        if self.cfg.template == "pretrain" and len(turns) != n_audio:
             raise T.TemplateError(f"pretrain renders one <audio> per turn: {len(turns)} turns "
                                   f"but {n_audio} audio files")
         empty = (np.zeros(0, np.int32),) * (n_audio + 1)
         return T.TokenizedText(empty, tuple(np.zeros(0, bool) for _ in empty))
 
     def _build(self, raw: RawRecord) -> dict:
-        spec = self.spec
+        cfg = self.cfg
         record = parse_record(raw)
         try:
             text = self._tokenize(record)
@@ -209,21 +193,21 @@ class ExampleBuilder:
             mismatch = "tags in the questions but" in message or "renders one" in message
             raise BadSample("tag_mismatch" if mismatch else "bad_conversation", message) from None
 
-        waves = [load_checked(os.path.join(spec.audio_root, path), crop)
+        waves = [load_checked(os.path.join(cfg.audio_root or "", path), crop)
                  for path, crop in zip(record.audio, record.crops)]
-        if spec.max_audio_seconds is not None:  # a crop of the audio, before any chunking
-            waves = [w[: int(round(spec.max_audio_seconds * A.SAMPLE_RATE))] for w in waves]
+        if cfg.max_audio_seconds is not None:  # a crop of the audio, before any chunking
+            waves = [w[: int(round(cfg.max_audio_seconds * A.SAMPLE_RATE))] for w in waves]
         counts = np.array([A.count_chunks(len(w)) for w in waves], np.int32)
-        text, truncated = fit_to_budget(text, counts, spec)
+        text, truncated = fit_to_budget(text, counts, cfg, self.tokens_per_chunk)
         example = {
             "pieces": list(text.pieces), "loss_masks": list(text.loss_masks), "chunks": counts,
-            "length": int(sum(len(p) for p in text.pieces) + counts.sum() * spec.tokens_per_chunk),
+            "length": int(sum(len(p) for p in text.pieces) + counts.sum() * self.tokens_per_chunk),
             "seconds": float(sum(len(w) for w in waves) / A.SAMPLE_RATE), "truncated": truncated,
         }
-        if spec.features == "waveform":
+        if self.with_audio and cfg.features == "waveform":
             example["audio"] = [w[: n * A.CHUNK_SAMPLES] for w, n in zip(waves, counts)]
-        elif spec.features == "log_mel":
-            example["audio"] = [A.log_mel_np(A.chunk_waveform(w)) for w in waves]
+        elif self.with_audio:
+            example["audio"] = [A.log_mel_np(A.chunk_waveform(w), self.n_mels) for w in waves]
         return example
 
 

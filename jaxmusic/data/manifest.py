@@ -1,6 +1,6 @@
 """MuFun manifests: JSON list or JSONL files of samples, read lazily by record.
 
-A record is one JSON object in the reference's format (BRIEF §3)::
+A record is one JSON object in the format MuFun's released training code reads::
 
     {"id": ..., "audio": "a.mp3" | ["a.mp3", "b.wav"],
      "time": [start, end] | [[s, e] | null, ...]   (optional; one pair for every file, or one per file),

@@ -5,7 +5,7 @@
       -> repeat(num_epochs) -> this process's shard  ds[process_index::process_count]
       -> map(ExampleBuilder): decode, crop, resample, chunk, features, template, tokenize,
          labels, fit to the budget -- a skip element instead of any bad sample
-      -> to_iter_dataset -> mp_prefetch(num_workers)         [worker processes]
+      -> to_iter_dataset -> mp_prefetch(workers)             [worker processes]
       -> MuFunBatches: count/log skips, pack rows, assemble  [this process]
       -> optional thread prefetch of whole batches
 
@@ -27,7 +27,7 @@ by random access, so a restored iterator yields exactly the batches the uninterr
 would have, even with a different number of workers.
 
 Bad data: skip elements are logged (one line each), counted by reason and written to
-`report_path`; with `strict=True` the first bad-data skip raises `DataError` naming the
+`report_path`; with `strict: true` the first bad-data skip raises `DataError` naming the
 manifest file and line (budget skips -- samples too long for the batch shape -- are counted
 but never raise).
 
@@ -40,7 +40,6 @@ by the end of the data. The last, partial batch of a finite stream is padded wit
 from __future__ import annotations
 
 import collections
-import dataclasses
 import json
 import logging
 import os
@@ -50,74 +49,39 @@ from typing import Any
 import grain
 import numpy as np
 
-from jaxmusic.errors import UserError
-from jaxmusic.data.examples import TOKENS_PER_CHUNK, ExampleBuilder, ExampleSpec, is_skip
+from jaxmusic import audio as A
+from jaxmusic.configs import ConfigError
+from jaxmusic.data.config import DataConfig
+from jaxmusic.data.examples import ExampleBuilder, is_skip
 from jaxmusic.data.manifest import BAD_DATA, ManifestError, ManifestSource
-from jaxmusic.data.packing import BatchShape, Rows, assemble_batch, fill_rows
+from jaxmusic.data.packing import MEL_FRAMES, Rows, assemble_batch, fill_rows
+from jaxmusic.errors import UserError
 
 log = logging.getLogger("jaxmusic.data")
 
 SHM_MIN_BYTES = 1 << 16  # arrays from workers smaller than this are pickled, not put in shared memory
 REPORT_INTERVAL_S = 10.0  # the report file is rewritten at most this often while skips occur
+WHISPER_MEL_SHAPE = (A.N_MELS, MEL_FRAMES)  # Whisper-large-v3's input: 128 bins x 3000 frames per 30 s
 
 
 class DataError(UserError, ValueError):
     """A bad sample in strict mode; the message names the manifest file and line."""
 
 
-@dataclasses.dataclass(frozen=True)
-class DataConfig:
-    """One training stage's data. `batch_size` is rows per process (per host)."""
+def mel_bins(cfg: DataConfig, mel_shape: tuple[int, int]) -> int:
+    """The log-mel bins to make for an encoder that takes `mel_shape` `(bins, frames)` per chunk.
 
-    manifests: tuple[str, ...]
-    audio_root: str
-    weights: tuple[float, ...] | None = None  # None: the union of all records, each once per epoch
-    template: str = "qwen2_instruct"
-    batch_size: int = 8
-    seq_len: int = 4096
-    max_chunks: int = 13                      # audio chunks per row
-    features: str = "waveform"                # "waveform" (log-mel on the device) | "log_mel" (host)
-    max_audio_seconds: float | None = None    # keep only the first this many seconds of a file
-    tokens_per_chunk: int = TOKENS_PER_CHUNK  # the model's audio tokens per 30 s chunk (after pooling)
-    packing: bool = False
-    pack_lookahead: int = 8                   # examples that may wait for a later batch
-    seed: int = 0
-    shuffle: bool = True
-    num_epochs: int | None = 1                # None: repeat forever
-    num_workers: int = 0                      # worker processes; 0 = decode in this process
-    read_threads: int = 1                     # threads per worker (or here when num_workers=0)
-    worker_buffer_size: int = 4               # examples each worker prepares ahead
-    prefetch_batches: int = 2                 # batches assembled ahead in a thread; 0 = off
-    strict: bool = False
-    report_path: str | None = None
-
-    def __post_init__(self):
-        object.__setattr__(self, "manifests", tuple(os.fspath(m) for m in self.manifests))
-        if not self.manifests:
-            raise ValueError("at least one manifest is required")
-        if self.weights is not None:
-            object.__setattr__(self, "weights", tuple(float(w) for w in self.weights))
-            if len(self.weights) != len(self.manifests) or min(self.weights) <= 0:
-                raise ValueError(f"weights {self.weights} must be positive, one per manifest")
-        for name in ("batch_size", "seq_len", "max_chunks", "pack_lookahead", "worker_buffer_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.num_workers < 0 or self.read_threads < 0 or self.prefetch_batches < 0:
-            raise ValueError("num_workers, read_threads and prefetch_batches must be >= 0")
-        if self.num_epochs is not None and self.num_epochs < 1:
-            raise ValueError(f"num_epochs must be >= 1 or None, got {self.num_epochs}")
-        if not 0 <= self.seed < 2**32:
-            raise ValueError(f"seed must be in [0, 2**32), got {self.seed}")
-        self.example_spec()  # validates template and features
-
-    def example_spec(self) -> ExampleSpec:
-        return ExampleSpec(audio_root=self.audio_root, template=self.template, seq_len=self.seq_len,
-                           max_chunks=self.max_chunks, features=self.features,
-                           max_audio_seconds=self.max_audio_seconds, tokens_per_chunk=self.tokens_per_chunk)
-
-    def batch_shape(self, pad_id: int) -> BatchShape:
-        return BatchShape(self.batch_size, self.seq_len, self.max_chunks, self.features, pad_id=pad_id,
-                          tokens_per_chunk=self.tokens_per_chunk)
+    Chunks are 30 s (`jaxmusic.audio`), 3000 frames; a waveform becomes a log-mel in the
+    train step (`jaxmusic.losses.log_mels`), which makes Whisper-large-v3's 128 bins.
+    """
+    n_mels, frames = mel_shape
+    if frames != MEL_FRAMES:
+        raise ConfigError(f"data.source manifests makes {A.CHUNK_SECONDS} s chunks of {MEL_FRAMES} log-mel "
+                              f"frames; this encoder takes {frames} (2 x max_source_positions)")
+    if cfg.features == "waveform" and n_mels != A.N_MELS:
+        raise ConfigError(f"data.features waveform gives the encoder {A.N_MELS}-bin log-mels; this encoder "
+                              f"takes {n_mels} bins: set data.features log_mel")
+    return n_mels
 
 
 # ------------------------------------------------------------------------------ the stream
@@ -128,8 +92,12 @@ def _seed_for(seed: int, index: int) -> int:
     return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
 
 
-def record_dataset(cfg: DataConfig, process_index: int = 0, process_count: int = 1) -> grain.MapDataset:
-    """This process's shard of the (shuffled, repeated or mixed) stream of raw records."""
+def record_dataset(cfg: DataConfig, process_index: int = 0, process_count: int = 1, *,
+                   num_epochs: int | None = 1) -> grain.MapDataset:
+    """This process's shard of the (shuffled, repeated or mixed) stream of raw records;
+    `num_epochs` passes over the data (None: forever)."""
+    if num_epochs is not None and num_epochs < 1:
+        raise ValueError(f"num_epochs must be >= 1 or None, got {num_epochs}")
     sources = [ManifestSource(p) for p in cfg.manifests]
     empty = [s.path for s in sources if len(s) == 0]
     if cfg.weights is None:
@@ -138,7 +106,7 @@ def record_dataset(cfg: DataConfig, process_index: int = 0, process_count: int =
         ds = grain.MapDataset.concatenate([grain.MapDataset.source(s) for s in sources if len(s)])
         if cfg.shuffle:
             ds = ds.shuffle(seed=cfg.seed)
-        ds = ds.repeat(cfg.num_epochs)
+        ds = ds.repeat(num_epochs)
     else:
         if empty:
             raise ManifestError(f"a weighted mixture needs records in every manifest; empty: {', '.join(empty)}")
@@ -149,18 +117,11 @@ def record_dataset(cfg: DataConfig, process_index: int = 0, process_count: int =
             part = grain.MapDataset.source(s)
             parts.append((part.shuffle(seed=_seed_for(cfg.seed, i)) if cfg.shuffle else part).repeat())
         ds = grain.MapDataset.mix(parts, list(cfg.weights))
-        if cfg.num_epochs is not None:
-            ds = ds[: cfg.num_epochs * sum(len(s) for s in sources)]
+        if num_epochs is not None:
+            ds = ds[: num_epochs * sum(len(s) for s in sources)]
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index {process_index} out of range for {process_count} processes")
     return ds[process_index::process_count]
-
-
-def element_dataset(cfg: DataConfig, tokenizer, process_index: int = 0,
-                    process_count: int = 1, spec: ExampleSpec | None = None) -> grain.MapDataset:
-    """Stream index -> example or skip element (see `ExampleBuilder`)."""
-    builder = ExampleBuilder(spec or cfg.example_spec(), tokenizer)
-    return record_dataset(cfg, process_index, process_count).map(builder)
 
 
 def _worker_init(worker_index: int, worker_count: int) -> None:
@@ -173,15 +134,15 @@ def _worker_init(worker_index: int, worker_count: int) -> None:
 
 
 def element_stream(elements: grain.MapDataset, cfg: DataConfig, start: int = 0):
-    """An iterator over `elements[start:]`, decoded by `cfg.num_workers` processes."""
+    """An iterator over `elements[start:]`, decoded by `cfg.workers` processes."""
     ds = elements[start:] if start else elements
     ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.read_threads,
                                               prefetch_buffer_size=cfg.worker_buffer_size))
-    if cfg.num_workers:
+    if cfg.workers:
         # only audio is worth a shared-memory segment; token arrays travel pickled
         ds = grain.experimental.WithOptionsIterDataset(
             ds, grain.experimental.DatasetOptions(min_shm_size=SHM_MIN_BYTES))
-        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.num_workers,
+        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.workers,
                                                          per_worker_buffer_size=cfg.worker_buffer_size),
                             worker_init_fn=_worker_init)
     return iter(ds)
@@ -190,24 +151,26 @@ def element_stream(elements: grain.MapDataset, cfg: DataConfig, start: int = 0):
 # ------------------------------------------------------------------------------- batching
 
 class MuFunBatches(grain.IterDataset):
-    """Fixed-shape batches (see `jaxmusic.data.packing`) from the element stream."""
+    """Fixed-shape batches (see `jaxmusic.data.packing`) of stream elements (`ExampleBuilder`'s)."""
 
-    def __init__(self, cfg: DataConfig, tokenizer, *, process_index: int = 0, process_count: int = 1):
+    def __init__(self, cfg: DataConfig, elements: grain.MapDataset, *, batch_size: int, tokens_per_chunk: int,
+                 n_mels: int, pad_id: int, report_path: str | None):
         super().__init__()
-        self.cfg = cfg
-        self.elements = element_dataset(cfg, tokenizer, process_index, process_count)
-        pad_id = getattr(tokenizer, "pad_token_id", None)
-        self.shape = cfg.batch_shape(0 if pad_id is None else int(pad_id))
-        self.report_path = cfg.report_path
-        if self.report_path and process_count > 1:
-            root, ext = os.path.splitext(self.report_path)
-            self.report_path = f"{root}.process{process_index}{ext or '.json'}"
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.cfg, self.elements = cfg, elements
+        self.batch_size, self.tokens_per_chunk, self.n_mels, self.pad_id = batch_size, tokens_per_chunk, n_mels, pad_id
+        self.report_path = report_path
+
+    def assemble(self, rows: list[list[dict]]) -> dict[str, np.ndarray]:
+        return assemble_batch(rows, self.cfg, batch_size=self.batch_size, tokens_per_chunk=self.tokens_per_chunk,
+                              pad_id=self.pad_id, n_mels=self.n_mels)
 
     def __iter__(self) -> "BatchIterator":
         return BatchIterator(self)
 
     def __str__(self) -> str:
-        return f"MuFunBatches(batch_size={self.cfg.batch_size}, seq_len={self.cfg.seq_len})"
+        return f"MuFunBatches(batch_size={self.batch_size}, seq_len={self.cfg.seq_len})"
 
 
 class BatchIterator(grain.DatasetIterator):
@@ -262,9 +225,8 @@ class BatchIterator(grain.DatasetIterator):
 
     def __next__(self) -> dict[str, np.ndarray]:
         self._assert_not_closed()
-        cfg = self._owner.cfg
-        rows = Rows(self._owner.shape, max_per_row=None if cfg.packing else 1)
-        self._pending = fill_rows(rows, self._pending, self._read, cfg.pack_lookahead)
+        rows = Rows(self._owner.cfg, self._owner.batch_size)
+        self._pending = fill_rows(rows, self._pending, self._read)
         if rows.empty():
             if not self._ended:  # the end of a finite stream: say what it held
                 self._ended = True
@@ -272,7 +234,7 @@ class BatchIterator(grain.DatasetIterator):
                 (log.warning if self._skipped else log.info)("%s", format_report(self.report()))
             raise StopIteration
         self._counters["batches"] += 1
-        return assemble_batch(rows.rows, self._owner.shape)
+        return self._owner.assemble(rows.rows)
 
     # -- state ----------------------------------------------------------------------------
 
@@ -346,18 +308,32 @@ def format_report(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def make_dataset(cfg: DataConfig, tokenizer, *, process_index: int | None = None,
+def make_dataset(cfg: DataConfig, tokenizer, *, batch_size: int, tokens_per_chunk: int,
+                 mel_shape: tuple[int, int] = WHISPER_MEL_SHAPE, num_epochs: int | None = 1,
+                 report_path: str | None = None, process_index: int | None = None,
                  process_count: int | None = None) -> grain.IterDataset:
     """The stage's batches for this process; `iter()` it for a checkpointable iterator.
 
+    From the run: `batch_size` rows per process; the model's `tokens_per_chunk` (audio tokens
+    per 30 s chunk) and `mel_shape` (its encoder's log-mel `(bins, frames)`, see `mel_bins`);
+    `num_epochs` passes over the data (None: forever); `report_path` for the skip counts (one
+    file per process when there are several). The pad id is the tokenizer's (0 if it has none).
     `process_index`/`process_count` default to `jax.process_index()`/`jax.process_count()`.
     """
+    n_mels = mel_bins(cfg, mel_shape)
     if process_index is None or process_count is None:
         import jax
 
         process_index = jax.process_index() if process_index is None else process_index
         process_count = jax.process_count() if process_count is None else process_count
-    ds = MuFunBatches(cfg, tokenizer, process_index=process_index, process_count=process_count)
+    builder = ExampleBuilder(cfg, tokenizer, tokens_per_chunk=tokens_per_chunk, n_mels=n_mels)
+    elements = record_dataset(cfg, process_index, process_count, num_epochs=num_epochs).map(builder)
+    if report_path and process_count > 1:
+        root, ext = os.path.splitext(report_path)
+        report_path = f"{root}.process{process_index}{ext or '.json'}"
+    pad_id = getattr(tokenizer, "pad_token_id", None)
+    ds = MuFunBatches(cfg, elements, batch_size=batch_size, tokens_per_chunk=tokens_per_chunk, n_mels=n_mels,
+                      pad_id=0 if pad_id is None else int(pad_id), report_path=report_path)
     if cfg.prefetch_batches:
         ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=cfg.prefetch_batches)
     return ds

@@ -36,52 +36,36 @@ def make_source(stage: StageConfig, spec: ModelSpec, mesh, micro_rows: int, stag
 
     from jaxmusic import data as data_lib
 
-    if (spec.whisper.num_mel_bins, spec.whisper.max_source_positions) != (128, 1500):
-        raise ConfigError("data.source manifests makes 128 x 3000 log-mels (Whisper large-v3 input); "
-                          f"this encoder takes {spec.whisper.num_mel_bins} x {2 * spec.whisper.max_source_positions}")
     if not d.tokenizer or not Path(d.tokenizer).is_dir():
         raise ConfigError(f"data.tokenizer: no tokenizer folder ({d.tokenizer!r}); set it, or init from "
                           "a converted checkpoint, which carries one")
-    manifests, weights = _mixture(d)
-    local = rows.stop - rows.start
-    try:
-        cfg = data_lib.DataConfig(
-            manifests=manifests, weights=weights, audio_root=d.audio_root or "", template=d.template,
-            batch_size=local, seq_len=d.seq_len, max_chunks=d.chunks_per_row, features=d.features,
-            max_audio_seconds=d.max_audio_seconds, tokens_per_chunk=spec.tokens_per_chunk,
-            packing=d.packing, seed=d.seed,
-            num_epochs=_epochs_bound(stage, manifests),
-            num_workers=d.workers, strict=d.strict, report_path=str(stage_dir / "data_report.json"))
-    except ValueError as e:
-        raise ConfigError(f"data: {e}") from None
     tokenizer = AutoTokenizer.from_pretrained(d.tokenizer, local_files_only=True)
     # Processes that hold the same rows (tensor parallelism across processes) read the same shard.
+    local = rows.stop - rows.start
     shard, shards = rows.start // local, micro_rows // local
-    return iter(data_lib.make_dataset(cfg, tokenizer, process_index=shard, process_count=shards))
+    dataset = data_lib.make_dataset(
+        d, tokenizer, batch_size=local, tokens_per_chunk=spec.tokens_per_chunk,
+        mel_shape=(spec.whisper.num_mel_bins, 2 * spec.whisper.max_source_positions),
+        num_epochs=_epochs_bound(stage), report_path=str(stage_dir / "data_report.json"),
+        process_index=shard, process_count=shards)
+    return iter(dataset)
 
 
-def _epochs_bound(stage: StageConfig, manifests: list[str]) -> int:
+def _epochs_bound(stage: StageConfig) -> int:
     """Passes over the data the stage may make: twice what its steps need, plus one.
 
     The step count ends the stage; the bound only turns data that cannot fill the batches
     (e.g. every sample too long for `seq_len`) into a "data ran out" error instead of an
     endless search through skipped samples.
     """
-    from jaxmusic.data import ManifestSource
-
-    records = max(1, sum(len(ManifestSource(m)) for m in manifests))
+    records = max(1, _records(stage))
     return 2 * math.ceil(stage.steps * stage.batch.global_batch / records) + 1
 
 
-def _mixture(d) -> tuple[list[str], list[float] | None]:
-    if not d.mixture or not all(isinstance(m, dict) and m.get("manifest") for m in d.mixture):
-        raise ConfigError("data.mixture: a list of {manifest: PATH, weight: W} entries is required")
-    weights = [m.get("weight") for m in d.mixture]
-    if len(d.mixture) == 1 or all(w is None for w in weights):
-        return [m["manifest"] for m in d.mixture], None  # the union, each record once per epoch
-    if any(w is None for w in weights):
-        raise ConfigError("data.mixture: give every manifest a weight, or none")
-    return [m["manifest"] for m in d.mixture], [float(w) for w in weights]
+def _records(stage: StageConfig) -> int:
+    from jaxmusic.data import ManifestSource
+
+    return sum(len(ManifestSource(m)) for m in stage.data.manifests)
 
 
 def next_batch(source, accumulation: int, mesh, micro_rows: int, step: int, packing: bool) -> dict:
@@ -119,7 +103,4 @@ def total_steps(stage: StageConfig) -> int:
         return stage.steps
     if stage.data.source != "manifests":
         raise ConfigError("epochs needs manifests (a synthetic stream has no length); set steps instead")
-    from jaxmusic.data import ManifestSource
-
-    records = sum(len(ManifestSource(m)) for m in _mixture(stage.data)[0])
-    return max(1, math.ceil(stage.epochs * records / stage.batch.global_batch))
+    return max(1, math.ceil(stage.epochs * _records(stage) / stage.batch.global_batch))

@@ -26,6 +26,7 @@ import yaml
 
 from jaxmusic.checkpoints.training import CheckpointSection
 from jaxmusic.configs import ConfigError, load_yaml  # noqa: F401 (ConfigError re-exported)
+from jaxmusic.data.config import DataConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,23 +58,6 @@ class InitSection:
     # its output comes out standardised per feature (train.state.standardize_encoder_output);
     # 0: off. A random encoder's features are badly scaled (the demo's choice).
     standardize_encoder_output: int = 0
-
-
-@dataclasses.dataclass(frozen=True)
-class DataSection:
-    source: str = "manifests"        # manifests (jaxmusic.data) | synthetic (tests, demos, benchmarks)
-    template: str = "qwen2_instruct"
-    mixture: list = dataclasses.field(default_factory=list)  # [{manifest: PATH, weight: W}, ...]
-    audio_root: str | None = None
-    tokenizer: str | None = None     # default: the init checkpoint's tokenizer/llm
-    seq_len: int = 1024              # tokens per row after splicing (fixed: one compilation)
-    max_audio_seconds: float = 30.0  # longer clips are cut to this many seconds
-    chunks_per_row: int = 1          # 30 s chunk slots per row (fixed shape; jaxmusic.data's max_chunks)
-    features: str = "waveform"       # waveform (log-mel in the jitted step, on the device) | log_mel (host)
-    packing: bool = False            # several samples per row, kept apart by segment masks
-    seed: int = 0
-    workers: int = 4                 # decoding processes per training process
-    strict: bool = False             # stop at the first bad sample instead of skipping it
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,7 +108,7 @@ class StageConfig:
     model: ModelSection = ModelSection()
     init: InitSection = InitSection()
     trainable: list = dataclasses.field(default_factory=lambda: [".*"])  # regexes over "part/path/to/param"
-    data: DataSection = DataSection()
+    data: DataConfig = DataConfig()  # jaxmusic.data.config
     batch: BatchSection = BatchSection()
     optimizer: OptimizerSection = OptimizerSection()
     loss: str = "cross_entropy"      # key of jaxmusic.train.step.LOSSES
@@ -151,8 +135,6 @@ class StageConfig:
             raise ConfigError(f"steps must be >= 1, got {self.steps}")
         choices = {"init.source": (self.init.source, ("random", "checkpoint", "stage", "previous")),
                    "init.whisper_positions": (self.init.whisper_positions, WHISPER_POSITIONS),
-                   "data.source": (self.data.source, ("manifests", "synthetic")),
-                   "data.features": (self.data.features, ("log_mel", "waveform")),
                    "optimizer.schedule": (self.optimizer.schedule, ("cosine", "linear", "constant")),
                    "nan_policy": (self.nan_policy, ("stop", "skip"))}
         for key, (value, allowed) in choices.items():
