@@ -47,16 +47,17 @@ def next_token_log_probs(logits: jax.Array, labels: jax.Array):
 
 # ------------------------------------------------------------------------- training losses
 
-def log_mels(microbatch: dict) -> jax.Array:
-    """A microbatch's chunk slots as log-mels: given, or made from waveforms on the device."""
-    return microbatch["mel"] if "mel" in microbatch else log_mel_jax(microbatch["wave"])
+def log_mels(microbatch: dict, n_mels: int) -> jax.Array:
+    """A microbatch's chunk slots as `n_mels`-bin log-mels: given, or made from waveforms on the device."""
+    return microbatch["mel"] if "mel" in microbatch else log_mel_jax(microbatch["wave"], n_mels)
 
 
 def batch_logits(model, batch: dict) -> jax.Array:
     """The model on one microbatch (`jaxmusic.train.step` layout). Without `segment_ids` no
     mask is built: with right padding a causal query never sees the padding after it."""
     mask = segment_attention_mask(batch["segment_ids"]) if "segment_ids" in batch else None
-    return model(log_mels(batch), batch["input_ids"], batch["audio_index"], batch["is_audio"], batch["positions"],
+    mel = log_mels(batch, model.whisper.cfg.num_mel_bins)
+    return model(mel, batch["input_ids"], batch["audio_index"], batch["is_audio"], batch["positions"],
                  mask=mask, groups=batch["input_ids"].shape[0])  # one splice group per row
 
 

@@ -68,19 +68,16 @@ class DataError(UserError, ValueError):
     """A bad sample in strict mode; the message names the manifest file and line."""
 
 
-def mel_bins(cfg: DataConfig, mel_shape: tuple[int, int]) -> int:
+def mel_bins(mel_shape: tuple[int, int]) -> int:
     """The log-mel bins to make for an encoder that takes `mel_shape` `(bins, frames)` per chunk.
 
-    Chunks are 30 s (`jaxmusic.audio`), 3000 frames; a waveform becomes a log-mel in the
-    train step (`jaxmusic.losses.log_mels`), which makes Whisper-large-v3's 128 bins.
+    Chunks are 30 s (`jaxmusic.audio`), 3000 frames; a waveform becomes the encoder's log-mel
+    in the train step (`jaxmusic.losses.log_mels`).
     """
     n_mels, frames = mel_shape
     if frames != MEL_FRAMES:
         raise ConfigError(f"data.source manifests makes {A.CHUNK_SECONDS} s chunks of {MEL_FRAMES} log-mel "
-                              f"frames; this encoder takes {frames} (2 x max_source_positions)")
-    if cfg.features == "waveform" and n_mels != A.N_MELS:
-        raise ConfigError(f"data.features waveform gives the encoder {A.N_MELS}-bin log-mels; this encoder "
-                              f"takes {n_mels} bins: set data.features log_mel")
+                          f"frames; this encoder takes {frames} (2 x max_source_positions)")
     return n_mels
 
 
@@ -320,7 +317,7 @@ def make_dataset(cfg: DataConfig, tokenizer, *, batch_size: int, tokens_per_chun
     file per process when there are several). The pad id is the tokenizer's (0 if it has none).
     `process_index`/`process_count` default to `jax.process_index()`/`jax.process_count()`.
     """
-    n_mels = mel_bins(cfg, mel_shape)
+    n_mels = mel_bins(mel_shape)
     if process_index is None or process_count is None:
         import jax
 

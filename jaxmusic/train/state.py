@@ -123,7 +123,8 @@ def standardize_encoder_output(graphdef: nnx.GraphDef, params: dict, batches, cf
     def moments(params, batch):
         # the microbatches' chunk slots as one microbatch
         slots = {k: v.reshape(-1, *v.shape[2:]) for k, v in batch.items() if k in ("mel", "wave", "chunk_mask")}
-        last = nnx.merge(graphdef, params).whisper(log_mels(slots))[-1]
+        encoder = nnx.merge(graphdef, params).whisper
+        last = encoder(log_mels(slots, encoder.cfg.num_mel_bins))[-1]
         x = mufun.pool(last, cfg.pool_kernel, cfg.pool_stride).astype(jnp.float32)
         w = slots["chunk_mask"] if "chunk_mask" in slots else jnp.ones(x.shape[0], bool)
         w = w.astype(jnp.float32)[:, None, None]
