@@ -6,6 +6,7 @@ subprocess (`jaxmusic plan ... --json`): a few minutes of CPU, flat in depth bec
 layers are scanned. The other tests compile the tiny stage for a GPU or use no compiler.
 """
 
+import fcntl
 import json
 import os
 import subprocess
@@ -31,15 +32,24 @@ def plan(*args, env=None):
 
 
 @pytest.fixture(scope="session")
-def full_plan():
-    r = plan(FULL, "--gpu", "a100-40gb", "--nodes", 2, "--gpus-per-node", 8, "--json")
-    assert r.returncode in (0, 1), r.stderr[-3000:]
-    return r, json.loads(r.stdout)
+def full_plan(tmp_path_factory):
+    """`(exit code, JSON)` of the full-size plan, computed once for all xdist workers (the first
+    to take the lock compiles, the others read its result)."""
+    shared = tmp_path_factory.getbasetemp().parent
+    with open(shared / "full_plan.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        done = shared / "full_plan.json"
+        if not done.exists():
+            r = plan(FULL, "--gpu", "a100-40gb", "--nodes", 2, "--gpus-per-node", 8, "--json")
+            assert r.returncode in (0, 1), r.stderr[-3000:]
+            done.write_text(json.dumps({"code": r.returncode, "plan": json.loads(r.stdout)}))
+    result = json.loads(done.read_text())
+    return result["code"], result["plan"]
 
 
 @needs_plugin
 def test_full_size_stages_fit_16_a100_40gb(full_plan):
-    r, result = full_plan
+    code, result = full_plan
     stages = {s["name"]: s for s in result["stages"]}
     assert list(stages) == ["p1", "p2", "p3", "p4", "f1"]
     for s in stages.values():
@@ -49,7 +59,7 @@ def test_full_size_stages_fit_16_a100_40gb(full_plan):
         # remat full recomputes the forward pass: compiled FLOPs exceed the model's (reached 1.0-1.4x)
         assert 1.0 <= s["compiled_flops"] / s["model_flops"] < 1.6, s["name"]
         assert s["step_s"] > 0 and s["audio_hours_per_day"] > 0
-    assert r.returncode == 0 and result["fits"]
+    assert code == 0 and result["fits"]
     # float32 master weights of 8.9B parameters over fsdp 8: 4.16 GiB per GPU; AdamW twice that
     assert abs(stages["p3"]["params"] / GIB - 4.16) < 0.01
     assert abs(stages["p3"]["optimizer"] / stages["p3"]["params"] - 2) < 0.01
@@ -70,8 +80,9 @@ def test_no_float32_matmul_in_the_bf16_compute_path(full_plan):
     for s in full_plan[1]["stages"]:
         f32 = {k: v for k, v in s["matmul_scopes"].items() if not k.startswith("bf16 ")}
         total = sum(s["matmul_scopes"].values())
-        # the only float32 matmul is the on-device log-mel (its mel filterbank, meant to be float32:
-        # jaxmusic.audio.log_mel_jax); reached < 1e-5 of the step's matmul FLOPs
+        # the only float32 matmul is the on-device log-mel's (jaxmusic.audio.log_mel_jax: float32 on
+        # purpose, its parity with Whisper's feature extractor); reached 2.4e-6 of P3's matmul FLOPs
+        assert {k.split(" ", 1)[1] for k in f32} <= {"log_mel_jax"}, (s["name"], f32)
         assert sum(f32.values()) < 1e-4 * total, (s["name"], f32)
 
 

@@ -239,21 +239,30 @@ def replica_groups(attrs: str) -> list[list[int]]:
     if m:
         ids = _iota([int(d) for d in m.group(3).split(",")], m.group(4))
         return ids.reshape(int(m.group(1)), int(m.group(2))).tolist()
-    m = re.search(r"replica_groups=\{(.*?)\}(?:,|$)", attrs)
-    if m and m.group(1).strip():
-        return [[int(x) for x in g.split(",") if x] for g in re.findall(r"\{([\d,]*)\}", m.group(1) + "}")]
-    m = re.search(r"source_target_pairs=\{(.*?)\}(?:,|$)", attrs)
-    if m:
-        return [[int(x) for x in g.split(",")] for g in re.findall(r"\{(\d+,\d+)\}", m.group(1) + "}")]
+    for key in ("replica_groups={", "source_target_pairs={"):
+        i = attrs.find(key)
+        if i >= 0:
+            start = i + len(key) - 1
+            inner = attrs[start + 1:_balanced(attrs, start) - 1]
+            return [[int(x) for x in g.split(",") if x] for g in re.findall(r"\{([\d,]*)\}", inner)]
     return []
 
 
+_GENERIC = {"while", "body", "cond", "closed_call", "checkpoint", "rematted_computation", "remat", ""}
+
+
 def _scope(attrs: str) -> str:
+    """The innermost named scope of an instruction's `op_name` (`.../jvp(jit(log_mel_jax))/dot_general`
+    -> `log_mel_jax`), transformation wrappers and loop plumbing removed."""
     m = re.search(r'op_name="([^"]*)"', attrs)
     if not m:
         return "?"
-    parts = [p for p in m.group(1).split("/") if p and "(" not in p and p not in ("while", "body", "closed_call",
-                                                                                    "checkpoint", "rematted_computation")]
+    parts = []
+    for part in m.group(1).split("/"):
+        while re.fullmatch(r"[\w.]+\((.*)\)", part):
+            part = re.fullmatch(r"[\w.]+\((.*)\)", part).group(1)
+        if part not in _GENERIC:
+            parts.append(part)
     return parts[-2] if len(parts) >= 2 else (parts[-1] if parts else "?")
 
 
@@ -281,9 +290,9 @@ def _attention_flops(instr: Instr) -> float:
     return matmuls * 2.0 * b * n * t * s * head * causal
 
 
-def _collective(instr: Instr, shapes: dict[str, str], times: int) -> Collective:
+def _collective(instr: Instr, shapes: dict[str, str], times: int, devices: int) -> Collective:
     kind = instr.opcode.removesuffix("-start")
-    groups = replica_groups(instr.attrs)
+    groups = replica_groups(instr.attrs) or [list(range(devices))]  # `{}`: every device
     n = max((len(g) for g in groups), default=1)
     data_in = sum(nbytes(shapes[o]) for o in instr.operands if o in shapes)
     if kind == "all-gather":
@@ -301,6 +310,8 @@ def analyse(text: str) -> Analysis:
     """Matmul and attention FLOPs and the collectives of one device's program, per step."""
     comps, entry = parse(text)
     runs = multiplicities(comps, entry)
+    partitions = re.search(r"num_partitions=(\d+)", text.split("\n", 1)[0])
+    devices = int(partitions.group(1)) if partitions else 1
     flops: dict[str, float] = collections.defaultdict(float)
     by_scope: dict[tuple[str, str], float] = collections.defaultdict(float)
     attention, calls, found = 0.0, collections.Counter(), []
@@ -315,7 +326,7 @@ def analyse(text: str) -> Analysis:
                 attention += times * _attention_flops(instr)
                 calls[re.search(r'custom_call_target="([^"]+)"', instr.attrs).group(1)] += times
             elif instr.opcode in COLLECTIVES or instr.opcode.removesuffix("-start") in COLLECTIVES:
-                found.append(_collective(instr, shapes, times))
+                found.append(_collective(instr, shapes, times, devices))
     return Analysis(dict(flops), dict(by_scope), attention, dict(calls), _merge(found))
 
 
