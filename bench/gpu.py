@@ -31,6 +31,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from jaxmusic.cli import cpu_without_nvidia_driver  # noqa: E402
+
+cpu_without_nvidia_driver()  # --tiny on a machine with the plan extra but no GPU: straight to the CPU
+
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402

@@ -159,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _cpu_without_nvidia_driver() -> None:
+def cpu_without_nvidia_driver() -> None:
     """With JAX's CUDA plugin installed (the plan extra) on a machine without an NVIDIA driver,
     JAX would try CUDA first and log a traceback before falling back to the CPU: go to the CPU
     directly. `JAX_PLATFORMS` set by the user always wins."""
@@ -176,7 +176,7 @@ def _cpu_without_nvidia_driver() -> None:
 def main(argv: list[str] | None = None) -> int:
     from absl import flags
 
-    _cpu_without_nvidia_driver()
+    cpu_without_nvidia_driver()
 
     if not flags.FLAGS.is_parsed():  # grain's data worker processes read absl flags
         flags.FLAGS.mark_as_parsed()

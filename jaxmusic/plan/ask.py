@@ -86,7 +86,8 @@ def model_configs(source: str) -> tuple[WhisperEncoderConfig, Qwen3Config, MuFun
             raise PlanError(f"{source}: not a whole MuFun checkpoint")
         return (WhisperEncoderConfig.from_hf(parts["whisper"]["hf_config"]),
                 Qwen3Config.from_hf(parts["llm"]["hf_config"]), MuFunConfig.from_dict(meta.get("mufun", {})))
-    stage = planning_stages(config_lib.load(path).stages, steps=1)[-1]
+    # only the architecture matters: where the stages start from does not
+    stage = planning_stages(config_lib.load(path, ["init.source=random", "init.path=null"]).stages, steps=1)[-1]
     return (WhisperEncoderConfig.from_hf(stage.model.whisper), Qwen3Config.from_hf(stage.model.llm),
             MuFunConfig.from_dict(stage.model.mufun))
 
@@ -139,15 +140,17 @@ def plan_ask(source: str, gpu: Gpu, *, batch: int, audio_seconds: float, max_new
         return jnp.argmax(model.logits(h[:, 0]), axis=-1).astype(jnp.int32), cache
 
     i32 = jnp.int32
+    # every phase holds all the weights (keep_unused: jit would otherwise drop the encoder's from
+    # the prefill's arguments, and from its memory figures, though they stay on the GPU)
     with captured_stderr([]):
-        embed_c = jax.jit(embed).lower(
+        embed_c = jax.jit(embed, keep_unused=True).lower(
             state, spec((slots, whisper.num_mel_bins, frames), bf16), spec(text, i32), spec(text, i32),
             spec(text, jnp.bool_)).compile(options)
-        prefill_c = jax.jit(prefill).lower(state, spec((batch, t_pad, llm.hidden_size), bf16),
+        prefill_c = jax.jit(prefill, keep_unused=True).lower(state, spec((batch, t_pad, llm.hidden_size), bf16),
                                            spec((batch,), i32)).compile(options)
         cache = jax.tree.map(lambda a: spec(a.shape, a.dtype), jax.eval_shape(
             prefill, state, spec((batch, t_pad, llm.hidden_size), bf16), spec((batch,), i32))[1])
-        decode_c = jax.jit(decode, donate_argnums=1).lower(state, cache, spec((batch,), i32), spec((batch,), i32),
+        decode_c = jax.jit(decode, donate_argnums=1, keep_unused=True).lower(state, cache, spec((batch,), i32), spec((batch,), i32),
                                                            spec((), i32)).compile(options)
     weights = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(state))
     llm_weights = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(state["llm"]))
