@@ -223,3 +223,21 @@ def test_gpu_bench_runs_tiny(tmp_path):
     assert res["llm_step"]["step_s"] > 0 and res["llm_step"]["peak_planned"] > 0
     assert res["encoder"]["chunks"] == 13 and res["encoder"]["tflops_per_s"] > 0
     assert all(res["decode"][f"rows_{n}_tokens_per_s"] > 0 for n in (1, 8, 32))
+
+
+def test_named_models_must_agree_with_the_init_source():
+    from jaxmusic.train import config as C
+    from jaxmusic.train.state import named_model, resolve_model
+
+    stage = C.load(REPO / "configs" / "stages" / "p3_full_pretrain.yaml",
+                   ["init.source=stage", "init.path=runs/p2"]).stages[0]
+    whisper, llm = named_model("whisper-large-v3"), named_model("qwen3-8b")
+    # Qwen3-8B-Base's config says 32768 positions, Qwen3-8B's 40960: the same computation
+    previous = {"model": {"whisper": whisper, "llm": {**llm, "max_position_embeddings": 32768}}, "data": {}}
+    assert resolve_model(stage, previous).model.llm["hidden_size"] == 4096
+    other = {**previous, "model": {**previous["model"], "whisper": {**whisper, "d_model": 1024,
+                                                                      "encoder_attention_heads": 16}}}
+    with pytest.raises(C.ConfigError, match="d_model 1280 vs 1024"):
+        resolve_model(stage, other)
+    with pytest.raises(C.ConfigError, match="no model config named 'qwen3-7b'"):
+        resolve_model(C.load(TINY, ["model.llm=qwen3-7b"]).stages[0], None)
