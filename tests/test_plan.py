@@ -69,10 +69,15 @@ def test_full_size_stages_fit_16_a100_40gb(full_plan):
 @needs_plugin
 def test_cudnn_fused_attention_forward_and_backward(full_plan):
     stages = {s["name"]: s for s in full_plan[1]["stages"]}
-    for name in ("p2", "p3", "p4", "f1"):  # encoder (and LLM) trained: both directions fused
-        assert stages[name]["attention"] == ["__cudnn$fmhaSoftmax", "__cudnn$fmhaSoftmaxBackward"], name
-    # P1 trains the connector only: the LLM's backward still runs (input gradients), the encoder's not
-    assert stages["p1"]["attention"] == ["__cudnn$fmhaSoftmax", "__cudnn$fmhaSoftmaxBackward"]
+    fwd, bwd = "__cudnn$fmhaSoftmax", "__cudnn$fmhaSoftmaxBackward"
+    both = {f"{op} {layer}" for op in (fwd, bwd) for layer in ("encoder_layer", "decoder_layer")}
+    for name in ("p2", "p3", "p4", "f1"):  # the encoder is trained: every attention fused both ways
+        assert set(stages[name]["attention"]) == both, name
+    # P1 trains the connector only: the LLM's backward runs (input gradients), the frozen encoder's not
+    assert set(stages["p1"]["attention"]) == both - {f"{bwd} encoder_layer"}
+    # P3: 24 microbatches x (32 encoder + 36 LLM layers), the forward twice (remat full)
+    assert stages["p3"]["attention"][f"{fwd} decoder_layer"] == 2 * 24 * 36
+    assert stages["p3"]["attention"][f"{bwd} encoder_layer"] == 24 * 32
     assert all(s["attention_flops"] > 0 for s in stages.values())
 
 
@@ -95,14 +100,6 @@ def test_fsdp_gathers_weights_and_reduce_scatters_gradients(full_plan):
         # no activation all-reduce inside the FSDP groups (reached: a few MB of metric sums)
         all_reduce = inside.get("all-reduce", {"sent_bytes": 0})["sent_bytes"]
         assert all_reduce < 0.01 * (inside["all-gather"]["sent_bytes"] + inside["reduce-scatter"]["sent_bytes"])
-
-
-@needs_plugin
-def test_the_data_axis_carries_the_traffic_between_nodes(full_plan):
-    for s in full_plan[1]["stages"]:
-        across = sum(t["sent_bytes"] for t in s["traffic"] if t["crosses_nodes"])
-        off = sum(c["sent_bytes"] for c in s["off_data_axis"])
-        assert across > 0 and off < 0.2 * across, (s["name"], s["off_data_axis"])
 
 
 @needs_plugin

@@ -37,6 +37,7 @@ class Gpu:
     key: str                        # gpus.yaml key, e.g. a100-40gb
     name: str                       # the device name a real one reports
     compute_capability: tuple[int, int]
+    feature_extension: str          # NONE, or ACCELERATED_FEATURES (sm_90a)
     device: dict                    # gpu_device_info fields
     cudnn: tuple[int, int, int]
     peak_tflops: float              # dense bf16
@@ -87,6 +88,7 @@ def _gpu(key: str, entry: dict, table: dict, where: str) -> Gpu:
     fraction = os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", entry.get("memory_fraction", JAX_DEFAULT_FRACTION))
     try:
         return Gpu(key=key, name=str(entry["name"]), compute_capability=tuple(entry["compute_capability"]),
+                   feature_extension=str(entry.get("feature_extension", "NONE")),
                    device={**table["common_device"], **entry["device"]},
                    cudnn=tuple(entry.get("cudnn", table["cudnn"])), peak_tflops=float(entry["peak_tflops"]),
                    nvlink_gbps=float(entry["nvlink_gbps"]), network_gbps=float(entry["network_gbps"]),
@@ -117,7 +119,8 @@ def target_config(gpu: Gpu) -> str:
     major, minor = gpu.compute_capability
     info = "\n".join(f"  {k}: {scalar(v)}" for k, v in gpu.device.items())
     dnn = dict(zip(("major", "minor", "patch"), gpu.cudnn))
-    return (f"gpu_device_info {{\n{info}\n  cuda_compute_capability {{ major: {major} minor: {minor} }}\n}}\n"
+    return (f"gpu_device_info {{\n{info}\n  cuda_compute_capability {{ major: {major} minor: {minor} "
+            f"feature_extension: {gpu.feature_extension} }}\n}}\n"
             f'platform_name: "CUDA"\n'
             f"dnn_version_info {{ {' '.join(f'{k}: {v}' for k, v in dnn.items())} }}\n"
             f'device_description_str: "{gpu.name}"\n')

@@ -80,9 +80,9 @@ def _parse_instr(line: str) -> Instr | None:
 
 
 def parse(text: str) -> tuple[dict[str, list[Instr]], str]:
-    """`({computation: [instructions]}, entry computation name)`."""
+    """`({computation: [instructions]}, entry computation name)`; a computation's ROOT comes last."""
     comps: dict[str, list[Instr]] = {}
-    entry, current = None, None
+    entry, current, root = None, None, None
     for line in text.splitlines():
         header = _HEADER.match(line)
         if header and line.rstrip().endswith("{"):
@@ -91,10 +91,13 @@ def parse(text: str) -> tuple[dict[str, list[Instr]], str]:
             if header.group(1):
                 entry = current
         elif current is not None and line.startswith("}"):
+            comps[current].append(root)
             current = None
         elif current is not None:
             instr = _parse_instr(line)
-            if instr:
+            if instr and line.lstrip().startswith("ROOT "):
+                root = instr
+            elif instr:
                 comps[current].append(instr)
     if entry is None:
         raise ValueError("no ENTRY computation in the HLO text")
@@ -132,7 +135,7 @@ def _constant(name: str, instrs: dict[str, Instr]) -> int | None:
 
 
 def _root(comp: list[Instr]) -> Instr:
-    return comp[-1]
+    return comp[-1]  # `parse` puts it last
 
 
 def _loop_step(body: list[Instr], index: int, comps: dict[str, list[Instr]]) -> int:
@@ -208,7 +211,7 @@ class Analysis:
     matmul_flops: dict[str, float]     # by operand dtype
     matmul_by_scope: dict[tuple[str, str], float]  # (dtype, innermost named scope) -> FLOPs
     attention_flops: float
-    attention_calls: dict[str, int]    # cuDNN fused-attention target -> executions per step
+    attention_calls: dict[str, int]    # "target layer" (e.g. "__cudnn$fmhaSoftmax encoder_layer") -> executions
     collectives: list[Collective]
 
     @property
@@ -324,7 +327,9 @@ def analyse(text: str) -> Analysis:
                 by_scope[(mm[0], _scope(instr.attrs))] += times * mm[1]
             elif instr.opcode == "custom-call" and '"__cudnn$fmha' in instr.attrs:
                 attention += times * _attention_flops(instr)
-                calls[re.search(r'custom_call_target="([^"]+)"', instr.attrs).group(1)] += times
+                target = re.search(r'custom_call_target="([^"]+)"', instr.attrs).group(1)
+                layer = re.search(r"(encoder_layer|decoder_layer)", instr.attrs)
+                calls[f"{target} {layer.group(1) if layer else '?'}"] += times
             elif instr.opcode in COLLECTIVES or instr.opcode.removesuffix("-start") in COLLECTIVES:
                 found.append(_collective(instr, shapes, times, devices))
     return Analysis(dict(flops), dict(by_scope), attention, dict(calls), _merge(found))

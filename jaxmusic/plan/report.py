@@ -28,7 +28,8 @@ def _traffic(plan: StagePlan, crosses: bool) -> str:
 
 
 def stage_text(plan: StagePlan, verbose: bool = False) -> str:
-    attention = ", ".join(a.removeprefix("__cudnn$") for a in plan.attention) or "XLA attention (no cuDNN)"
+    attention = ", ".join(f"{a.removeprefix('__cudnn$')} {n:,}x" for a, n in sorted(plan.attention.items())) \
+        or "XLA attention (no cuDNN)"
     bound = max(("compute", plan.compute_s), ("NVLink", plan.nvlink_s), ("network", plan.network_s),
                 key=lambda kv: kv[1])[0]
     lines = [

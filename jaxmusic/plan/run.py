@@ -17,39 +17,42 @@ from jaxmusic.train import config as config_lib
 from jaxmusic.train.config import StageConfig
 
 
-def compile_all(stages: list[StageConfig], gpu, nodes: int, gpus_per_node: int, jobs: int | None) -> list[StagePlan]:
-    """`plan_stage` of every stage, in `jobs` worker processes; the first user error is raised."""
+def _run(stages: list[StageConfig], gpu, nodes: int, gpus_per_node: int, jobs: int | None) -> list:
+    """`plan_stage` of every stage in `jobs` worker processes: a StagePlan, or a user error's line."""
     options = gpus_lib.compiler_options()
     work = [(stage, gpu, nodes, gpus_per_node, options) for stage in stages]
     jobs = max(1, min(jobs or os.cpu_count() or 1, len(work)))
     if jobs == 1:
-        results = [plan_stage_safely(w) for w in work]
-    else:
-        with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-            results = list(pool.map(plan_stage_safely, work))
+        return [plan_stage_safely(w) for w in work]
+    with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return list(pool.map(plan_stage_safely, work))
+
+
+def compile_all(stages: list[StageConfig], gpu, nodes: int, gpus_per_node: int, jobs: int | None) -> list[StagePlan]:
+    """`plan_stage` of every stage; the first user error is raised."""
+    results = _run(stages, gpu, nodes, gpus_per_node, jobs)
     for r in results:
         if isinstance(r, str):
             raise gpus_lib.PlanError(r)
     return results
 
 
-def candidates(stage: StageConfig, gpus_per_node: int) -> list[dict[str, object]]:
+def candidates(stage: StageConfig, devices: int) -> list[dict[str, object]]:
     """Settings to try for a stage that does not fit, cheapest in speed first: full remat,
-    smaller microbatches (more accumulation, same global batch), then tensor parallelism inside
-    a node (fsdp x tensor keeps the node's size; the data axis stays across nodes)."""
+    smaller microbatches (more accumulation, same global batch), then tensor parallelism
+    (fsdp x tensor keeps its size: the data axis stays as it is, across nodes)."""
+    data, fsdp, tensor = sharding.resolve_mesh_shape(stage.mesh.shape(), devices)
     out: list[dict[str, object]] = []
     remat = {} if stage.model.remat == "full" else {"model.remat": "full"}
     if remat:
         out.append(remat)
     micro = stage.batch.microbatch or stage.batch.global_batch
-    groups = stage.mesh.data * max(stage.mesh.fsdp, 1)
-    while micro % 2 == 0 and (micro // 2) % groups == 0:
+    while micro % 2 == 0 and (micro // 2) % (data * fsdp) == 0:
         micro //= 2
         out.append({**remat, "batch.microbatch": micro})
-    inner = gpus_per_node if stage.mesh.fsdp == -1 else stage.mesh.fsdp * stage.mesh.tensor
-    for tensor in (2, 4, 8):
-        if inner % tensor == 0 and tensor > stage.mesh.tensor:
-            out.append({**remat, "mesh.fsdp": inner // tensor, "mesh.tensor": tensor})
+    for t in (2, 4, 8):
+        if (fsdp * tensor) % t == 0 and t > tensor:
+            out.append({**remat, "mesh.data": data, "mesh.fsdp": fsdp * tensor // t, "mesh.tensor": t})
     return out
 
 
@@ -62,22 +65,21 @@ def apply(stage: StageConfig, overrides: dict[str, object]) -> StageConfig:
 
 
 def fit_stage(stage: StageConfig, gpu, nodes: int, gpus_per_node: int, jobs: int | None) -> dict | None:
-    """The first candidate setting (`candidates`) under which `stage` fits, or None."""
+    """The first candidate setting (`candidates`) under which `stage` fits, or None. Candidates
+    compile a round of `jobs` at a time; one that cannot be built (e.g. a microbatch the new
+    mesh cannot split) is passed over."""
     tries = []
-    for change in candidates(stage, gpus_per_node):
+    for change in candidates(stage, nodes * gpus_per_node):
         try:
-            changed = apply(stage, change)
-            sharding.resolve_mesh_shape(changed.mesh.shape(), nodes * gpus_per_node)
-        except (config_lib.ConfigError, sharding.ShardingError):
+            tries.append((change, apply(stage, change)))
+        except config_lib.ConfigError:
             continue
-        tries.append((change, changed))
-    width = max(1, jobs or os.cpu_count() or 1)  # compiled a round at a time; the first that fits wins
+    width = max(1, jobs or os.cpu_count() or 1)
     for start in range(0, len(tries), width):
         batch = tries[start:start + width]
-        for (change, _), plan in zip(batch, compile_all([t for _, t in batch], gpu, nodes, gpus_per_node, jobs)):
-            if plan.fits:
-                return {"overrides": {f"stages.{stage.name}.{k}": v for k, v in change.items()},
-                        "plan": plan}
+        for (change, _), plan in zip(batch, _run([t for _, t in batch], gpu, nodes, gpus_per_node, jobs)):
+            if isinstance(plan, StagePlan) and plan.fits:
+                return {"overrides": {f"stages.{stage.name}.{k}": v for k, v in change.items()}, "plan": plan}
     return None
 
 

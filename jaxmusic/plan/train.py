@@ -96,7 +96,7 @@ class Traffic:
 class StagePlan:
     name: str
     mesh: dict
-    attention: list[str]          # fused-attention custom calls found
+    attention: dict[str, int]     # "cuDNN target layer" -> executions per step
     compile_s: float
     # per device, bytes
     params: int
@@ -199,7 +199,7 @@ def plan_stage(stage: StageConfig, gpu: Gpu, nodes: int, gpus_per_node: int, opt
     flows = traffic(analysis, gpus_per_node)
     n = s.mesh.size
     return StagePlan(
-        name=stage.name, mesh=dict(s.mesh.shape), attention=sorted(analysis.attention_calls), compile_s=seconds,
+        name=stage.name, mesh=dict(s.mesh.shape), attention=analysis.attention_calls, compile_s=seconds,
         params=per_device_bytes(s.abstract, s.param_shardings),
         optimizer=per_device_bytes(s.abstract_opt, s.opt_shardings),
         batch=per_device_bytes(batch, batch_sh),
