@@ -193,6 +193,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     device = jax.devices()[0]
     key = gpu_key(device.device_kind)
+    if key is None and not (args.tiny or args.llm_layers):
+        parser.error(f"{device.device_kind} is not an A100/H100/H200: give --llm-layers (or --tiny)")
     gpu = load_gpu(key) if key else None
     peak = metrics.peak_flops(device.device_kind)
     t0 = time.perf_counter()
