@@ -37,7 +37,6 @@ cpu_without_nvidia_driver()  # --tiny on a machine with the plan extra but no GP
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 import yaml  # noqa: E402
 from flax import nnx  # noqa: E402
 

@@ -10,6 +10,10 @@ def _gib(n: float) -> str:
     return f"{n / GIB:.2f}"
 
 
+def _secs(t: float) -> str:
+    return f"{t:.1f} s" if t >= 0.1 else f"{t * 1e3:.2g} ms"
+
+
 def cluster(gpu: Gpu, nodes: int, gpus_per_node: int) -> str:
     return f"{nodes} x {gpus_per_node} {gpu.name}"
 
@@ -46,8 +50,8 @@ def stage_text(plan: StagePlan, verbose: bool = False) -> str:
         f"FLOPs {plan.model_flops:.3g} (rematerialisation)",
         f"  collectives  inside nodes: {_traffic(plan, False)}",
         f"               across nodes: {_traffic(plan, True)}",
-        f"  roofline     {plan.step_s:.1f} s/step ({bound}-bound; compute {plan.compute_s:.1f} s, NVLink "
-        f"{plan.nvlink_s:.1f} s, network {plan.network_s:.1f} s, overlapped); {plan.audio_s_per_step / 3600:.1f} h "
+        f"  roofline     {_secs(plan.step_s)}/step ({bound}-bound; compute {_secs(plan.compute_s)}, NVLink "
+        f"{_secs(plan.nvlink_s)}, network {_secs(plan.network_s)}, overlapped); {plan.audio_s_per_step / 3600:.1f} h "
         f"of audio slots per step: at most {plan.audio_hours_per_day:,.0f} audio hours/day",
     ]
     if verbose and plan.xla_log:
