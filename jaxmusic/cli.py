@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import ctypes
+import importlib.util
 import json
+import os
 import sys
 
 from jaxmusic.errors import EXIT_USER_ERROR, UserError, run_command
@@ -121,6 +124,7 @@ DELEGATED = {
     "train": ("jaxmusic.train", "train a stage or schedule (`train CONFIG --workdir DIR`); resumes from DIR"),
     "eval": ("jaxmusic.evaluate", "multiple-choice evaluation on a MuCUE-style benchmark file"),
     "data": ("jaxmusic.data.check", "`data check MANIFEST ... --audio-root DIR`: validate a dataset"),
+    "plan": ("jaxmusic.plan", "compile a stage or schedule for A100/H100 clusters without a GPU: will it fit?"),
 }
 
 
@@ -155,8 +159,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def cpu_without_nvidia_driver() -> None:
+    """With JAX's CUDA plugin installed (the plan extra) on a machine without an NVIDIA driver,
+    JAX would try CUDA first and log a traceback before falling back to the CPU: go to the CPU
+    directly. `JAX_PLATFORMS` set by the user always wins."""
+    try:
+        if "JAX_PLATFORMS" in os.environ or importlib.util.find_spec("jax_plugins.xla_cuda12") is None:
+            return
+        ctypes.CDLL("libcuda.so.1")
+    except ModuleNotFoundError:  # no jax_plugins at all
+        return
+    except OSError:
+        os.environ["JAX_PLATFORMS"] = "cpu"
+
+
 def main(argv: list[str] | None = None) -> int:
     from absl import flags
+
+    cpu_without_nvidia_driver()
 
     if not flags.FLAGS.is_parsed():  # grain's data worker processes read absl flags
         flags.FLAGS.mark_as_parsed()

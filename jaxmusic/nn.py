@@ -54,6 +54,10 @@ class ModelOptions:
     # the FSDP-sharded weights, split activations along the model width and all-reduce
     # whole activations; pinned to the batch sharding, it all-gathers the weights (ZeRO-3).
     carry_sharding: Any = None
+    # The platform the model is compiled for ("gpu", "cpu"; None: jax.default_backend()), which
+    # `attention: auto` reads. The trainer sets it from its mesh's devices, so a step compiled
+    # for GPU devices from a CPU-only machine (`jaxmusic plan`) picks what a GPU run picks.
+    platform: str | None = None
 
     def __post_init__(self):
         if self.remat not in REMAT_POLICIES:
@@ -132,7 +136,7 @@ def attention_impl(opts: ModelOptions, dtype, head_dim: int) -> str:
     """
     if opts.attention != "auto":
         return opts.attention
-    on_gpu = jax.default_backend() == "gpu"
+    on_gpu = (opts.platform or jax.default_backend()) == "gpu"
     half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
     return "cudnn" if on_gpu and half and head_dim <= 128 and head_dim % 8 == 0 else "xla"
 

@@ -31,8 +31,10 @@ from jaxmusic.data.config import DataConfig
 
 @dataclasses.dataclass(frozen=True)
 class ModelSection:
-    whisper: dict | None = None      # HF WhisperConfig fields; None: from the init checkpoint
-    llm: dict | None = None          # HF Qwen3Config fields; None: from the init checkpoint
+    # HF WhisperConfig / Qwen3Config fields, or the name of a file in jaxmusic/configs/models/
+    # (e.g. whisper-large-v3, qwen3-8b); None: from the init checkpoint
+    whisper: dict | str | None = None
+    llm: dict | str | None = None
     mufun: dict = dataclasses.field(default_factory=dict)  # MuFunConfig fields (defaults: jaxmusic/configs/mufun.yaml)
     param_dtype: str = "float32"     # master weights and optimizer state
     dtype: str = "bfloat16"          # compute

@@ -22,7 +22,7 @@ from jaxmusic.models.mufun import PARTS, Connector, MuFun, MuFunConfig
 from jaxmusic.models.qwen3 import Qwen3Config, Qwen3ForCausalLM
 from jaxmusic.models.whisper import WhisperEncoder, WhisperEncoderConfig
 from jaxmusic.nn import ModelOptions
-from jaxmusic.train.config import ConfigError, StageConfig
+from jaxmusic.train.config import ConfigError, StageConfig, load_yaml
 
 log = logging.getLogger(__name__)
 
@@ -152,28 +152,58 @@ def with_shardings(abstract: dict, shardings: dict) -> dict:
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
 
 
+MODELS_DIR = Path(__file__).resolve().parents[1] / "configs" / "models"
+BACKBONE_CONFIGS = {"whisper": WhisperEncoderConfig, "llm": Qwen3Config}
+
+
+def named_model(name: str) -> dict:
+    """The HF config fields of a model a stage names (`jaxmusic/configs/models/NAME.yaml`)."""
+    path = MODELS_DIR / f"{name}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"model: no model config named {name!r}; known: "
+                          f"{sorted(p.stem for p in MODELS_DIR.glob('*.yaml'))}")
+    return load_yaml(path)
+
+
+def _check_agrees(part: str, named: str, given: dict, stored: dict, source: str) -> None:
+    """A named model config must describe the same computation as the init source's config
+    (`max_position_embeddings` only bounds inputs: not compared)."""
+    cls = BACKBONE_CONFIGS[part]
+    a, b = (dataclasses.asdict(cls.from_hf(c)) for c in (given, stored))
+    differ = [f"{k} {a[k]} vs {b[k]}" for k in a if a[k] != b[k] and k != "max_position_embeddings"]
+    if differ:
+        raise ConfigError(f"model.{part}: {named} differs from {source}'s config ({', '.join(differ)}); "
+                          f"set model.{part}=null to take {source}'s")
+
+
 def resolve_model(stage: StageConfig, previous_config: dict | None) -> StageConfig:
     """Fill `model.whisper/llm` and `data.tokenizer` from the init source when not given.
 
-    From a converted checkpoint: its stored HF configs and `tokenizer/llm`. From a previous
-    stage: that stage's resolved configuration.
+    A model given by name (`whisper-large-v3`) is read from `jaxmusic/configs/models/`, and must
+    agree with the init source's config where there is one. From a converted checkpoint: its
+    stored HF configs and `tokenizer/llm`. From a previous stage: that stage's resolved
+    configuration.
     """
     model, data = stage.model, stage.data
+    names = {p: c for p, c in (("whisper", model.whisper), ("llm", model.llm)) if isinstance(c, str)}
+    given = {"whisper": model.whisper, "llm": model.llm}
+    given.update({p: named_model(c) for p, c in names.items()})
+    stored, source = {}, None
     if stage.init.source == "checkpoint":
-        meta = checkpoints.read_meta(stage.init.path)
-        parts = meta["parts"]
-        given = {"whisper": model.whisper, "llm": model.llm}
-        for part, cfg in given.items():
-            if cfg is None and part in parts:
-                given[part] = parts[part]["hf_config"]
-        model = dataclasses.replace(model, **given)
+        parts = checkpoints.read_meta(stage.init.path)["parts"]
+        stored = {p: parts[p]["hf_config"] for p in given if p in parts}
+        source = f"the init checkpoint {stage.init.path}"
         tok = Path(stage.init.path) / parts.get("llm", {}).get("tokenizer", "tokenizer/llm")
         if data.tokenizer is None and tok.is_dir():
             data = dataclasses.replace(data, tokenizer=str(tok))
     elif stage.init.source in ("stage", "previous") and previous_config is not None:
-        prev_model = previous_config["model"]
-        model = dataclasses.replace(model, whisper=model.whisper or prev_model["whisper"],
-                                    llm=model.llm or prev_model["llm"])
+        stored = {p: c for p, c in previous_config["model"].items() if p in given and c is not None}
+        source = f"the init stage {stage.init.path}"
         if data.tokenizer is None:
             data = dataclasses.replace(data, tokenizer=previous_config["data"].get("tokenizer"))
-    return dataclasses.replace(stage, model=model, data=data)
+    for part, cfg in stored.items():
+        if given[part] is None:
+            given[part] = cfg
+        elif part in names:
+            _check_agrees(part, names[part], given[part], cfg, source)
+    return dataclasses.replace(stage, model=dataclasses.replace(model, **given), data=data)

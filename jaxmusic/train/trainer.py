@@ -98,8 +98,12 @@ class Setup:
         opt_state = jax.jit(self.tx.init, out_shardings=self.opt_shardings)(optim.split(params, self.trainable)[0])
         return params, opt_state
 
-    def compile_step(self, params, opt_state, batch, loss_fn=None):
-        """The jitted train step, compiled for `batch`'s shapes; also returns compile seconds."""
+    def compile_step(self, params, opt_state, batch, loss_fn=None, compiler_options=None):
+        """The jitted train step, compiled for `batch`'s shapes; also returns compile seconds.
+
+        The arguments may be abstract (`jax.ShapeDtypeStruct`s with shardings): `jaxmusic plan`
+        compiles for devices that are not there, with the launcher's XLA flags as `compiler_options`.
+        """
         step = make_train_step(
             self.graphdef, self.trainable, self.tx, loss_fn or LOSSES[self.stage.loss],
             param_shardings=self.param_shardings, opt_shardings=self.opt_shardings,
@@ -107,7 +111,7 @@ class Setup:
             metric_sharding=sharding.replicated(self.mesh))
         t0 = time.perf_counter()
         lowered = step.lower(params, opt_state, batch)
-        return lowered.compile(), time.perf_counter() - t0
+        return lowered.compile(compiler_options), time.perf_counter() - t0
 
     def step_flops(self, batch) -> float:
         audio = batch["mel" if "mel" in batch else "wave"]
@@ -140,9 +144,10 @@ def setup(stage: StageConfig, previous: Path | None = None, *, devices=None,
         raise ConfigError(f"batch.microbatch {micro_rows} must divide into the {groups} data-parallel "
                           f"shards of mesh {dict(mesh.shape)}")
 
-    # the layer scans pin the residual stream to the batch sharding (ModelOptions.carry_sharding)
+    # the layer scans pin the residual stream to the batch sharding (ModelOptions.carry_sharding);
+    # `attention: auto` decides for the mesh's devices, not for the machine that compiles
     spec = dataclasses.replace(spec, opts=dataclasses.replace(
-        spec.opts, carry_sharding=sharding.activation_sharding(mesh)))
+        spec.opts, carry_sharding=sharding.activation_sharding(mesh), platform=mesh.devices.flat[0].platform))
     graphdef, abstract_state = spec.abstract()
     abstract = nnx.to_pure_dict(abstract_state)
     param_sh = sharding.state_shardings(abstract_state, mesh)
