@@ -317,6 +317,11 @@ def test_changed_settings_are_refused_and_extend_continues(reference, cache, tmp
     r = _train(cache, finished, "log.every_steps=2", "checkpoint.keep_last=3", "data.workers=1")
     assert r.returncode == 0 and "stage tiny: already done" in r.stderr, r.stderr[-3000:]
     assert (stage / "config.yaml").read_text() == config
+    # an init that cannot be read any more (a deleted checkpoint): the finished stage is left as it is
+    r = _train(cache, finished, "init.source=checkpoint", f"init.path={tmp_path / 'deleted'}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "stage tiny: its settings cannot be compared with the finished run's" in r.stderr
+    assert "stage tiny: already done" in r.stderr and (stage / "config.yaml").read_text() == config
     # a stage in progress: refused before anything is read or written
     resumed = _killed_after(reference, tmp_path / "resumed", last=4)
     r = _train(cache, resumed, "optimizer.lr=0.002")

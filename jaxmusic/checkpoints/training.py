@@ -30,6 +30,7 @@ import dataclasses
 import json
 import logging
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -147,10 +148,11 @@ def _quiet_aborted_io() -> None:
     """Keep one failed read or write from printing dozens of tracebacks.
 
     Orbax runs each operation on its own asyncio loop. When one part fails the loop closes
-    while TensorStore is still finishing the other parts, whose completion callbacks then
-    raise "Event loop is closed" (unraisable: one traceback each); and Orbax logs every
-    failed part of a background save with its traceback. The failure itself is reported
-    once, with its cause, by `restore_newest` and `SaveError`.
+    while TensorStore is still finishing the other parts: their completion callbacks raise
+    "Event loop is closed", and Orbax's coroutines for them are dropped with their own
+    errors unread (unraisable exceptions: one traceback each). Orbax also logs every failed
+    part of a background save with its traceback. The failure itself is reported once, with
+    its cause, by `restore_newest` and `SaveError`.
     """
     global _quieted
     if _quieted:
@@ -159,7 +161,9 @@ def _quiet_aborted_io() -> None:
     previous = sys.unraisablehook
 
     def hook(unraisable):
-        if not (isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed"):
+        closed = isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed"
+        orbax_coroutine = "orbax" in getattr(getattr(unraisable.object, "cr_code", None), "co_filename", "")
+        if not (closed or orbax_coroutine):
             previous(unraisable)
 
     sys.unraisablehook = hook
@@ -202,6 +206,10 @@ class Checkpoints:
             return False
         self.wait()  # a failure of the previous save is reported as that step's
         try:
+            # Orbax makes the step's folder in a background thread while its writers wait up to
+            # 5 minutes for it: find out at once if that folder cannot be made (permissions,
+            # a read-only file system) instead of after the wait, with the real cause.
+            Path(tempfile.mkdtemp(prefix=f".{step}.probe-", dir=self.directory)).rmdir()
             saved = self.manager.save(step, force=force, args=ocp.args.Composite(
                 params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state),
                 data=DataStateSave(data_state), meta=ocp.args.JsonSave(meta),

@@ -21,7 +21,8 @@ class Preemption:
     Once `reached()` has answered True it keeps answering True, on every process, so a
     schedule does not start its next stage after a notice.
 
-    Handlers are installed from the main thread only; `close()` puts the previous ones back.
+    Handlers are installed from the main thread only; `close()` (or leaving a `with` block)
+    puts the previous ones back.
     """
 
     def __init__(self):
@@ -62,3 +63,9 @@ class Preemption:
         for sig, previous in self._previous.items():
             signal.signal(sig, previous)
         self._previous = {}
+
+    def __enter__(self) -> "Preemption":
+        return self
+
+    def __exit__(self, *_) -> None:
+        self.close()

@@ -45,7 +45,7 @@ from jaxmusic.audio import CHUNK_SECONDS
 from jaxmusic.checkpoints import restore_params
 from jaxmusic.checkpoints.training import Checkpoints, SaveError
 from jaxmusic.errors import (EXIT_FAILURE, EXIT_OK, EXIT_USER_ERROR,  # noqa: F401 (EXIT_USER_ERROR re-exported)
-                             run_command)
+                             UserError, run_command)
 from jaxmusic.losses import LOSSES
 from jaxmusic.train import config as config_lib
 from jaxmusic.train import metrics as metrics_lib
@@ -193,14 +193,19 @@ def _restore_stage_params(path: Path, abstract: dict) -> dict:
 
 # ---------------------------------------------------------------------------- a stage
 
-def run_stage(stage: StageConfig, stage_dir: Path, previous: Path | None = None, *, preemption: Preemption,
-              devices=None, devices_per_node: int | None = None, on_step=None, extend: bool = False) -> int:
+def run_stage(stage: StageConfig, stage_dir: Path, previous: Path | None = None, *,
+              preemption: Preemption | None = None, devices=None, devices_per_node: int | None = None,
+              on_step=None, extend: bool = False) -> int:
     """Train one stage in `stage_dir`, resuming from its newest readable checkpoint. Returns an exit code.
 
-    `preemption` says when to stop (SIGTERM, SIGINT); `on_step(step)`, if given, is called after
-    every finished step (e.g. a hang watchdog's beat); `extend` lets a saved run continue with
-    more steps (`jaxmusic.train.rerun`).
+    `preemption` says when to stop (default: SIGTERM/SIGINT handlers for this stage alone);
+    `on_step(step)`, if given, is called after every finished step (e.g. a hang watchdog's
+    beat); `extend` lets a saved run continue with more steps (`jaxmusic.train.rerun`).
     """
+    if preemption is None:
+        with Preemption() as own:
+            return run_stage(stage, stage_dir, previous, preemption=own, devices=devices,
+                             devices_per_node=devices_per_node, on_step=on_step, extend=extend)
     s = setup(stage, previous, devices=devices, devices_per_node=devices_per_node)
     stage = s.stage
     stage_dir.mkdir(parents=True, exist_ok=True)
@@ -428,8 +433,13 @@ def _reopened(stage: StageConfig, stage_dir: Path, previous: Path | None, extend
     saved = stage_dir / "config.yaml"
     if not saved.exists():  # finished before runs recorded their settings: nothing to compare
         return False
+    try:
+        resolved = resolve(stage, previous)
+    except (UserError, OSError) as e:  # e.g. its init checkpoint was deleted since: it stays as it is
+        _say(f"stage {stage.name}: its settings cannot be compared with the finished run's ({e})")
+        return False
     where = f"stage {stage.name} (finished in {stage_dir})"
-    return rerun.check(yaml.safe_load(saved.read_text()), resolve(stage, previous), where, extend=extend) is not None
+    return rerun.check(yaml.safe_load(saved.read_text()), resolved, where, extend=extend) is not None
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
