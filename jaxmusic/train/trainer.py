@@ -5,12 +5,19 @@ Workdir layout: one folder per stage, `DIR/STAGE/` with `checkpoints/STEP/`,
 data) and, once the stage has finished, `model/` (the result as a jaxmusic checkpoint for
 `jaxmusic ask/score/eval` and `convert/jax_to_hf.py`; `jaxmusic.train.model_folder`) and
 `DONE`. Rerunning the same command resumes: finished stages are skipped and the current
-one continues from its newest complete checkpoint, data order included. A resumed run logs
-again the steps it repeats.
+one continues from its newest readable checkpoint (an unreadable one is set aside,
+`jaxmusic.checkpoints.training`), data order included. A resumed run logs again the steps
+it repeats. A rerun may change only the settings that do not change what a stage trains
+(`jaxmusic.train.rerun`); `--extend` continues a stage with more steps. One run at a time
+per workdir (`jaxmusic.train.lock`).
 
-Exit codes: 0 done; 2 configuration/user error; 3 stopped on a non-finite loss or
-gradient (`nan_policy: stop`; the newest checkpoint is intact); 75 preempted (SIGTERM):
-a checkpoint of the current step was written, rerun the same command to resume.
+Exit codes: 0 done (also when SIGTERM/SIGINT arrives after the last step); 1 a failure
+that is not the configuration's, e.g. a checkpoint could not be written (the newest
+complete one is intact); 2 configuration/user error (also: the workdir is in use, a
+changed setting, no readable checkpoint); 3 stopped on a non-finite loss or gradient
+(`nan_policy: stop`; the newest checkpoint is intact); 75 stopped by SIGTERM (preemption)
+or SIGINT (Ctrl-C) at any point before the end: the current step was saved if it was new,
+rerun the same command to resume; 130 a second Ctrl-C (stopped at once).
 
 Multi-process runs call `jax.distributed.initialize()` before `run`; everything here
 already works on global arrays (`jax.process_index/count` only decide who writes logs
@@ -36,14 +43,16 @@ from tqdm import tqdm
 from jaxmusic import distributed, sharding
 from jaxmusic.audio import CHUNK_SECONDS
 from jaxmusic.checkpoints import restore_params
-from jaxmusic.checkpoints.training import Checkpoints
-from jaxmusic.errors import EXIT_OK, EXIT_USER_ERROR, run_command  # noqa: F401 (EXIT_USER_ERROR re-exported)
+from jaxmusic.checkpoints.training import Checkpoints, SaveError
+from jaxmusic.errors import (EXIT_FAILURE, EXIT_OK, EXIT_USER_ERROR,  # noqa: F401 (EXIT_USER_ERROR re-exported)
+                             UserError, run_command)
 from jaxmusic.losses import LOSSES
 from jaxmusic.train import config as config_lib
 from jaxmusic.train import metrics as metrics_lib
-from jaxmusic.train import optim
+from jaxmusic.train import optim, rerun
 from jaxmusic.train.batches import make_source, next_batch, restore_data_state, total_steps
 from jaxmusic.train.config import ConfigError, StageConfig
+from jaxmusic.train.lock import workdir_lock
 from jaxmusic.train.model_folder import write_model_folder
 from jaxmusic.train.preemption import Preemption
 from jaxmusic.train.state import (ModelSpec, init_params, resolve_model, standardize_encoder_output,
@@ -121,15 +130,20 @@ class Setup:
         return metrics_lib.step_flops(forward, {p[0] for p in self.trainable}, self.stage.accumulation)
 
 
-def setup(stage: StageConfig, previous: Path | None = None, *, devices=None,
-          devices_per_node: int | None = None) -> Setup:
-    """Resolve a stage against its init source and build the mesh, shardings and optimizer."""
+def resolve(stage: StageConfig, previous: Path | None = None) -> StageConfig:
+    """The stage with its init source, model configs and step count filled in."""
     if stage.init.source == "previous":
         stage = dataclasses.replace(stage, init=dataclasses.replace(stage.init, path=str(previous)))
     prev_config = (_previous_config(Path(stage.init.path))
                    if stage.init.source in ("stage", "previous") else None)
     stage = resolve_model(stage, prev_config)
-    stage = dataclasses.replace(stage, steps=total_steps(stage), epochs=None)
+    return dataclasses.replace(stage, steps=total_steps(stage), epochs=None)
+
+
+def setup(stage: StageConfig, previous: Path | None = None, *, devices=None,
+          devices_per_node: int | None = None) -> Setup:
+    """Resolve a stage against its init source and build the mesh, shardings and optimizer."""
+    stage = resolve(stage, previous)
     if stage.loss not in LOSSES:
         raise ConfigError(f"loss {stage.loss!r} is not one of {sorted(LOSSES)}")
     spec = ModelSpec.from_stage(stage)
@@ -185,25 +199,21 @@ def _restore_stage_params(path: Path, abstract: dict) -> dict:
 # ---------------------------------------------------------------------------- a stage
 
 def run_stage(stage: StageConfig, stage_dir: Path, previous: Path | None = None, *,
-              devices=None, devices_per_node: int | None = None, on_step=None) -> int:
-    """Train one stage in `stage_dir`, resuming from its newest checkpoint. Returns an exit code.
+              preemption: Preemption | None = None, devices=None, devices_per_node: int | None = None,
+              on_step=None, extend: bool = False) -> int:
+    """Train one stage in `stage_dir`, resuming from its newest readable checkpoint. Returns an exit code.
 
-    `on_step(step)`, if given, is called after every finished step (e.g. a hang watchdog's beat).
+    `preemption` says when to stop (default: SIGTERM/SIGINT handlers for this stage alone);
+    `on_step(step)`, if given, is called after every finished step (e.g. a hang watchdog's
+    beat); `extend` lets a saved run continue with more steps (`jaxmusic.train.rerun`).
     """
-    preemption = Preemption()  # from the start: a notice during set-up stops after the first step
-    try:
-        return _run_stage(stage, stage_dir, previous, preemption, devices, devices_per_node, on_step)
-    finally:
-        preemption.close()
-
-
-def _run_stage(stage, stage_dir, previous, preemption, devices, devices_per_node, on_step) -> int:
+    if preemption is None:
+        with Preemption() as own:
+            return run_stage(stage, stage_dir, previous, preemption=own, devices=devices,
+                             devices_per_node=devices_per_node, on_step=on_step, extend=extend)
     s = setup(stage, previous, devices=devices, devices_per_node=devices_per_node)
     stage = s.stage
     stage_dir.mkdir(parents=True, exist_ok=True)
-    resolved = stage.to_dict()
-    if _primary():
-        (stage_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
     source = make_source(stage, s.spec, s.mesh, s.micro_rows, stage_dir)
     ckpts = Checkpoints(stage_dir / "checkpoints", stage.checkpoint)
     flat = optim.flatten(s.abstract)
@@ -211,16 +221,46 @@ def _run_stage(stage, stage_dir, previous, preemption, devices, devices_per_node
     _say(f"stage {stage.name}: {stage.steps} steps of {stage.batch.global_batch} rows "
          f"({stage.accumulation} x {s.micro_rows}), mesh {dict(s.mesh.shape)}, "
          f"trainable {n_train:,} of {sum(math.prod(a.shape) for a in flat.values()):,} parameters")
+    try:
+        try:
+            code = _resume_and_train(s, stage_dir, source, ckpts, preemption, on_step, extend)
+        finally:
+            _close_quietly(source)
+            ckpts.close()  # waits for the save in flight: DONE only once the final step is on disk
+    except Diverged as e:
+        _say(f"error: {e}")
+        return EXIT_DIVERGED
+    except SaveError as e:
+        _say(f"error: {e}")
+        return EXIT_FAILURE
+    if code == EXIT_OK and _primary():
+        write_model_folder(stage_dir, stage, stage.steps)
+        (stage_dir / DONE_FILE).write_text(f"{stage.steps}\n")
+    return code
 
+
+def _resume_and_train(s: Setup, stage_dir: Path, source, ckpts: Checkpoints, preemption, on_step,
+                      extend: bool) -> int:
+    stage = s.stage
+    resolved = stage.to_dict()
+    newest = ckpts.restore_newest(
+        with_shardings(s.abstract, s.param_shardings), with_shardings(s.abstract_opt, s.opt_shardings),
+        check=lambda step, saved: rerun.check(
+            saved, stage, f"stage {stage.name} (checkpoint step {step} in {ckpts.directory})", extend=extend))
+    if _primary():  # only now: a refused rerun leaves the saved run's files as they were
+        (stage_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+        (stage_dir / DONE_FILE).unlink(missing_ok=True)  # an extended stage is unfinished until it ends again
     step, skipped = 0, 0
-    latest = ckpts.latest_step()
-    if latest is not None:
-        restored = ckpts.restore(latest, with_shardings(s.abstract, s.param_shardings),
-                                 with_shardings(s.abstract_opt, s.opt_shardings))
+    if newest:
+        step, restored = newest
         params, opt_state = restored["params"], restored["opt_state"]
         restore_data_state(source, restored["data"])
-        step, skipped = latest, int(restored["meta"]["skipped"])
-        _say(f"  resumed from {stage_dir / 'checkpoints'} step {step}")
+        skipped = int(restored["meta"]["skipped"])
+        _say(f"  resumed from {ckpts.directory} step {step}")
+        if restored["config"].get("steps", stage.steps) != stage.steps:
+            _say(f"  --extend: {restored['config']['steps']} -> {stage.steps} steps; the {stage.optimizer.schedule} "
+                 f"learning-rate schedule now spans {stage.steps} steps, and steps {step + 1}-{stage.steps} continue "
+                 f"from step {step}'s state at lr {float(s.schedule(step - skipped)):.3g}")
     else:
         params, opt_state = s.init_state()
         if stage.init.standardize_encoder_output:
@@ -228,21 +268,10 @@ def _run_stage(stage, stage_dir, previous, preemption, devices, devices_per_node
 
     writers = _Writers(stage_dir, stage) if _primary() else None
     try:
-        code = _loop(s, ckpts, source, params, opt_state, step, skipped, resolved, preemption, writers,
-                     on_step)
-    except Diverged as e:
-        _say(f"error: {e}")
-        code = EXIT_DIVERGED
+        return _loop(s, ckpts, source, params, opt_state, step, skipped, resolved, preemption, writers, on_step)
     finally:
         if writers:
             writers.close()
-        ckpts.wait()
-        ckpts.close()
-        _close_quietly(source)
-    if code == EXIT_OK and _primary():
-        write_model_folder(stage_dir, stage, stage.steps)
-        (stage_dir / DONE_FILE).write_text(f"{stage.steps}\n")
-    return code
 
 
 def _standardize_encoder_output(s: Setup, source, params: dict) -> dict:
@@ -299,6 +328,10 @@ def _loop(s: Setup, ckpts, source, params, opt_state, step, skipped, resolved, p
     if step >= steps:
         bar.close()
         return EXIT_OK
+    if preemption.reached():  # a notice during set-up: stop before starting the data workers or compiling
+        bar.close()
+        _say(f"preempted before step {step + 1}: nothing new to save; rerun the same command to resume")
+        return EXIT_PREEMPTED
     load = lambda done: next_batch(source, stage.accumulation, s.mesh, s.micro_rows, done,  # noqa: E731
                                    stage.data.packing)
     batch = load(step)
@@ -312,8 +345,9 @@ def _loop(s: Setup, ckpts, source, params, opt_state, step, skipped, resolved, p
         params, opt_state, metrics = compiled(params, opt_state, batch)
         step += 1
         data_state = source.get_state()  # positioned after this step's batches
-        # asked before loading more data: a preemption notice may have killed the data workers too
-        preempted = preemption.reached(step)
+        # asked before loading more data: a preemption notice may have killed the data workers too.
+        # After the last step the stage finishes anyway; a schedule then stops before its next stage.
+        preempted = preemption.reached() and step < steps
         batch = load(step) if step < steps and not preempted else None  # overlaps the device's work
         m = jax.device_get(metrics)
         now = time.perf_counter()
@@ -345,7 +379,7 @@ def _loop(s: Setup, ckpts, source, params, opt_state, step, skipped, resolved, p
         if preempted:
             ckpts.wait()
             bar.close()
-            _say(f"preempted: saved step {step} to {ckpts.manager.directory}; rerun the same command to resume")
+            _say(f"preempted: saved step {step} to {ckpts.directory}; rerun the same command to resume")
             return EXIT_PREEMPTED
     bar.close()
     return EXIT_OK
@@ -354,25 +388,63 @@ def _loop(s: Setup, ckpts, source, params, opt_state, step, skipped, resolved, p
 # ---------------------------------------------------------------------------- command line
 
 def run(config: str | Path, workdir: str | Path, overrides: list[str] = (), *,
-        devices_per_node: int | None = None, on_step=None) -> int:
+        devices_per_node: int | None = None, on_step=None, extend: bool = False,
+        keep_signal_handlers: bool = False) -> int:
     """Run every unfinished stage of `config` (a stage or a schedule) under `workdir`.
 
     Multi-process: call `jax.distributed.initialize()` first; `devices_per_node` checks that
-    FSDP/tensor groups stay inside a node; `on_step(step)` runs after every step.
+    FSDP/tensor groups stay inside a node; `on_step(step)` runs after every step; `extend`
+    lets stages continue with more steps than they were run with (`jaxmusic.train.rerun`).
+    The run holds `workdir`'s lock (`jaxmusic.train.lock`) and handles SIGTERM and SIGINT
+    (`Preemption`); `keep_signal_handlers` leaves the handlers in place on return, for a
+    process that exits next (`jaxmusic train`), so that a signal while it shuts down cannot
+    kill a run that has finished.
     """
     schedule = config_lib.load(config, list(overrides))
     workdir = Path(workdir)
+    preemption = Preemption()
+    try:
+        with workdir_lock(workdir):
+            return _run_schedule(schedule.stages, workdir, preemption, devices_per_node, on_step, extend)
+    finally:
+        if not keep_signal_handlers:
+            preemption.close()
+
+
+def _run_schedule(stages, workdir: Path, preemption: Preemption, devices_per_node, on_step, extend) -> int:
     previous = None
-    for stage in schedule.stages:
+    for i, stage in enumerate(stages):
         stage_dir = workdir / stage.name
-        if (stage_dir / DONE_FILE).exists():
+        if preemption.stopping():
+            _say(f"preempted before stage {stage.name}; rerun the same command to continue")
+            return EXIT_PREEMPTED
+        if (stage_dir / DONE_FILE).exists() and not _reopened(stage, stage_dir, previous, extend):
             _say(f"stage {stage.name}: already done ({stage_dir / DONE_FILE})")
         else:
-            code = run_stage(stage, stage_dir, previous, devices_per_node=devices_per_node, on_step=on_step)
+            started = [later.name for later in stages[i + 1:] if (workdir / later.name).exists()]
+            if (stage_dir / DONE_FILE).exists() and started:
+                raise ConfigError(f"stage {stage.name} cannot be extended: stage(s) {', '.join(started)} already "
+                                  f"started from its result; move {workdir / started[0]} away first")
+            code = run_stage(stage, stage_dir, previous, preemption=preemption, devices_per_node=devices_per_node,
+                             on_step=on_step, extend=extend)
             if code != EXIT_OK:
                 return code
         previous = stage_dir
     return EXIT_OK
+
+
+def _reopened(stage: StageConfig, stage_dir: Path, previous: Path | None, extend: bool) -> bool:
+    """Does `--extend` continue this finished stage? A setting changed otherwise is refused."""
+    saved = stage_dir / "config.yaml"
+    if not saved.exists():  # finished before runs recorded their settings: nothing to compare
+        return False
+    try:
+        resolved = resolve(stage, previous)
+    except (UserError, OSError) as e:  # e.g. its init checkpoint was deleted since: it stays as it is
+        _say(f"stage {stage.name}: its settings cannot be compared with the finished run's ({e})")
+        return False
+    where = f"stage {stage.name} (finished in {stage_dir})"
+    return rerun.check(yaml.safe_load(saved.read_text()), resolved, where, extend=extend) is not None
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
@@ -381,6 +453,9 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.add_argument("--workdir", required=True, help="where checkpoints and logs go; resumes from it")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                         help="dotted config overrides, e.g. steps=10 mesh.fsdp=8 stages.p1.steps=5")
+    parser.add_argument("--extend", action="store_true",
+                        help="continue a stage (finished or not) with more steps than it was run with, e.g. "
+                             "steps=24 after 16; its learning-rate schedule is recomputed for the new count")
     distributed.add_arguments(parser)
     return parser
 
@@ -395,6 +470,6 @@ def main(argv: list[str] | None = None) -> int:
         watchdog = distributed.StepWatchdog.from_env()
         return run(args.config, args.workdir, args.overrides,
                    devices_per_node=layout.devices_per_node() if layout else None,
-                   on_step=watchdog.beat if watchdog else None)
+                   on_step=watchdog.beat if watchdog else None, extend=args.extend, keep_signal_handlers=True)
 
     return run_command(train, tracebacks=True)
