@@ -73,16 +73,16 @@ def read_records(out: Path) -> dict[str, dict]:
 
 def check_run(out: Path, run: dict) -> None:
     """An --out folder holds one run; refuse records of another (created by the first process)."""
-    meta = out / "run.json"
+    meta, tmp = out / "run.json", out / f".run.json.{os.getpid()}"
+    tmp.write_text(json.dumps(run, indent=1))
     try:
-        fd = os.open(meta, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+        os.link(tmp, meta)  # appears whole, and only if no process has written it yet
     except FileExistsError:
         old = json.loads(meta.read_text())
         if old != run:
             raise UserError(f"{out} holds results of another run ({old}); pass a different --out") from None
-        return
-    with os.fdopen(fd, "w") as f:
-        f.write(json.dumps(run, indent=1))
+    finally:
+        tmp.unlink()
 
 
 @contextlib.contextmanager
