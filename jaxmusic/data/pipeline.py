@@ -2,10 +2,11 @@
 
     manifests (JSON list / JSONL)  -> grain.MapDataset.source per manifest
       -> union + seeded shuffle, or weighted mixture        (see `record_dataset`)
-      -> repeat(num_epochs) -> this process's shard  ds[process_index::process_count]
-                               (after a resume on another process count: see Resume)
+      -> repeat(num_epochs)
       -> map(ExampleBuilder): decode, crop, resample, chunk, features, template, tokenize,
          labels, fit to the budget -- a skip element instead of any bad sample
+      -> this process's shard  ds[process_index::process_count]
+         (after a resume on another process count: see Resume)
       -> to_iter_dataset -> mp_prefetch(workers)             [worker processes]
       -> MuFunBatches: count/log skips, pack rows, assemble  [this process]
       -> optional thread prefetch of whole batches
@@ -103,10 +104,9 @@ def _seed_for(seed: int, index: int) -> int:
     return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
 
 
-def record_dataset(cfg: DataConfig, process_index: int = 0, process_count: int = 1, *,
-                   num_epochs: int | None = 1) -> grain.MapDataset:
-    """This process's shard of the (shuffled, repeated or mixed) stream of raw records;
-    `num_epochs` passes over the data (None: forever)."""
+def record_dataset(cfg: DataConfig, *, num_epochs: int | None = 1) -> grain.MapDataset:
+    """The whole (shuffled, repeated or mixed) stream of raw records, which every process
+    shards as it reads (`BatchIterator`); `num_epochs` passes over the data (None: forever)."""
     if num_epochs is not None and num_epochs < 1:
         raise ValueError(f"num_epochs must be >= 1 or None, got {num_epochs}")
     sources = [ManifestSource(p) for p in cfg.manifests]
@@ -130,9 +130,7 @@ def record_dataset(cfg: DataConfig, process_index: int = 0, process_count: int =
         ds = grain.MapDataset.mix(parts, list(cfg.weights))
         if num_epochs is not None:
             ds = ds[: num_epochs * sum(len(s) for s in sources)]
-    if not 0 <= process_index < process_count:
-        raise ValueError(f"process_index {process_index} out of range for {process_count} processes")
-    return ds[process_index::process_count]
+    return ds
 
 
 def _worker_init(worker_index: int, worker_count: int) -> None:

@@ -49,7 +49,7 @@ class ParquetAudio:
     row: int                   # row within the file
     name: str = ""             # the feature's `path`: the clip's original file name
 
-    def read(self) -> bytes:
+    def read(self) -> bytes | None:
         """The encoded file's bytes (None when the row holds none)."""
         return _row_group_audio(self.file, *_row_group_of(self.file, self.row))
 
@@ -210,6 +210,7 @@ def _front_matter_files(folder: Path) -> dict[str, list[Path]] | None:
     except yaml.YAMLError as e:
         raise UserError(f"{card}: cannot read its front matter ({e})") from None
     configs = meta.get("configs") if isinstance(meta, dict) else None
+    configs = [c for c in configs if isinstance(c, dict)] if isinstance(configs, list) else None
     if not configs:
         return None
     config = next((c for c in configs if c.get("config_name") == "default"), configs[0])
