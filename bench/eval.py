@@ -5,8 +5,8 @@
 Builds, once, in `--workdir`: a MuCUE-layout snapshot (four subsets; wav, flac and mp3 bytes
 embedded; `--seconds`-long clips, every other item cropped by `time_seg`; lettered `choices_text`)
 and a random MuFun of the demo's size (`configs/stages/demo.yaml`: 1-layer Whisper encoder on
-real 128 x 3000 log-mels, 2-layer Qwen3 of width 128) with a byte-level BPE tokenizer that
-knows Qwen's chat markers, so the same checkpoint's LLM can serve as the `--judge`.
+real 128 x 3000 log-mels, 2-layer Qwen3 of width 128) with the demo's byte-level BPE tokenizer
+plus Qwen's `<|im_start|>`, so the same checkpoint's LLM can serve as the `--judge`.
 Random weights rarely stop early: every answer runs to the 64-token limit (the judge's to 32),
 the slowest case.
 
@@ -68,22 +68,17 @@ def build_checkpoint(out: Path, texts: list[str]) -> Path:
     """A random demo-sized MuFun, saved as a jaxmusic checkpoint."""
     import orbax.checkpoint as ocp
     from flax import nnx
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast, Qwen3Config, WhisperConfig
+    from transformers import Qwen3Config, WhisperConfig
 
     from jaxmusic import checkpoints, configs
+    from jaxmusic.demo.tokenizer import train_tokenizer
     from jaxmusic.models.mufun import MuFun, MuFunConfig, connector_config
     from jaxmusic.models.qwen3 import Qwen3Config as JQwen3Config
     from jaxmusic.models.whisper import WhisperEncoderConfig
     from jaxmusic.nn import ModelOptions
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=1024, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(texts, trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<|endoftext|>", eos_token="<|im_end|>")
+    tokenizer = train_tokenizer(texts, vocab_size=1024)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>"]})  # the judge's chat layout
 
     model = configs.load_yaml(REPO / "configs" / "stages" / "demo.yaml")["model"]
     hf = {"whisper": WhisperConfig(**model["whisper"]).to_dict(),

@@ -10,6 +10,8 @@ and when an option is scored; `save_forced_qwen3` saves one as a Hugging Face Qw
 """
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +23,7 @@ from transformers import Qwen3Config, Qwen3ForCausalLM, WhisperConfig, WhisperFo
 from jaxmusic import templates
 from jaxmusic.templates import mucue_prompt
 
+REPO = Path(__file__).resolve().parent.parent
 FORCED = "blues"
 GENRES = ["blues", "jazz", "rock", "pop"]
 HIDDEN = 32
@@ -96,6 +99,19 @@ def save_forced_mufun(folder: Path, tok):
               "vision_hidden_size": wcfg.d_model, "text_config": qcfg.to_dict(), "vision_config": wcfg.to_dict()}
     (folder / "config.json").write_text(json.dumps(config))
     tok.save_pretrained(str(folder))
+
+
+def forced_mufun_checkpoint(root: Path, tok) -> Path:
+    """`save_forced_mufun` in `root/released`, converted with `convert/hf_to_jax.py --mufun` to
+    the jaxmusic checkpoint `root/ckpt` (four fused encoder layers, pooled by 5)."""
+    save_forced_mufun(root / "released", tok)
+    (root / "mufun.yaml").write_text("fusion_layers: [0, 1, 2, 3]\npool_kernel: 5\npool_stride: 5\n")
+    ckpt = root / "ckpt"
+    proc = subprocess.run([sys.executable, str(REPO / "convert" / "hf_to_jax.py"), "--mufun", str(root / "released"),
+                           "--mufun-config", str(root / "mufun.yaml"), "--out", str(ckpt)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    return ckpt
 
 
 def save_forced_qwen3(folder: Path, tok, chain: dict[int, int]):

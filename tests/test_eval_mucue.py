@@ -23,9 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import soundfile as sf
-from forced_model import FORCED, save_forced_mufun, save_forced_qwen3
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerFast
+from forced_model import FORCED, forced_mufun_checkpoint, save_forced_qwen3
 
 from jaxmusic import checkpoints, evaluate, inference, templates
 from jaxmusic.demo.tokenizer import train_tokenizer
@@ -93,14 +91,10 @@ def write_snapshot(root: Path, card: bool = True) -> Path:
 
 
 def judge_tokenizer():
-    """A byte-level BPE with Qwen's chat markers, trained on the judge's own prompts."""
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator([judge_lib.judge_text(r[4], FORCED) for r in ROWS], trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<|endoftext|>", eos_token="<|im_end|>")
+    """A byte-level BPE trained on the judge's own prompts, with Qwen's chat markers."""
+    tok = train_tokenizer([judge_lib.judge_text(r[4], FORCED) for r in ROWS], vocab_size=300)
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>"]})
+    return tok
 
 
 @pytest.fixture(scope="module")
@@ -110,13 +104,7 @@ def mucue(tmp_path_factory):
     texts = [templates.SYSTEM, "USER: ASSISTANT: " + FORCED + " jazz rock pop metal C4"]
     texts += [templates.MUCUE_INSTRUCTION + r[3] + " " + r[4] for r in ROWS]
     tok = train_tokenizer(texts, vocab_size=300)
-    save_forced_mufun(root / "released", tok)
-    (root / "mufun.yaml").write_text("fusion_layers: [0, 1, 2, 3]\npool_kernel: 5\npool_stride: 5\n")
-    ckpt = root / "ckpt"
-    proc = subprocess.run([sys.executable, str(REPO / "convert" / "hf_to_jax.py"), "--mufun", str(root / "released"),
-                           "--mufun-config", str(root / "mufun.yaml"), "--out", str(ckpt)],
-                          capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
+    ckpt = forced_mufun_checkpoint(root, tok)
     jtok = judge_tokenizer()
     last = jtok(judge_lib.judge_text(ROWS[0][4], FORCED), add_special_tokens=False)["input_ids"][-1]
     letter, end = jtok("C", add_special_tokens=False)["input_ids"], jtok.convert_tokens_to_ids("<|im_end|>")

@@ -8,13 +8,11 @@ option is scored), whatever the audio. The expected accuracy of any benchmark is
 
 import dataclasses
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from forced_model import FORCED, GENRES, save_forced_mufun, write_audio
+from forced_model import FORCED, GENRES, forced_mufun_checkpoint, write_audio
 
 from jaxmusic import evaluate, inference, templates
 from jaxmusic.errors import UserError
@@ -22,7 +20,6 @@ from jaxmusic.evaluate import extract_choice
 from jaxmusic.templates import mucue_prompt
 from jaxmusic.demo.tokenizer import train_tokenizer
 
-REPO = Path(__file__).resolve().parent.parent
 
 
 # ------------------------------------------------------------------------------- extraction
@@ -121,13 +118,7 @@ def forced(tmp_path_factory):
     texts = [templates.SYSTEM, "USER: ASSISTANT: " + FORCED + " " + " ".join(GENRES + ["metal"])]
     texts += [mucue_prompt(it["question"], it["choices"]) for it, _ in items]
     tok = train_tokenizer(texts, vocab_size=300)
-    save_forced_mufun(root / "released", tok)
-    (root / "mufun.yaml").write_text("fusion_layers: [0, 1, 2, 3]\npool_kernel: 5\npool_stride: 5\n")
-    ckpt = root / "ckpt"
-    proc = subprocess.run([sys.executable, str(REPO / "convert" / "hf_to_jax.py"), "--mufun", str(root / "released"),
-                           "--mufun-config", str(root / "mufun.yaml"), "--out", str(ckpt)],
-                          capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
+    ckpt = forced_mufun_checkpoint(root, tok)
     bench = root / "bench.jsonl"
     bench.write_text("".join(json.dumps(it) + "\n" for it, _ in items))
     return root, ckpt, bench, inference.load(ckpt)
