@@ -1,12 +1,15 @@
 """Audio front end: decode -> mono -> crop -> 16 kHz -> 30 s chunks -> Whisper log-mel.
 
-Matches what MuFun feeds its Whisper-large-v3 encoder (BRIEF §1.1):
+Matches what MuFun feeds its Whisper-large-v3 encoder:
 
 * Decoding uses soundfile (libsndfile). The soundfile>=0.13 wheels bundle
   libsndfile 1.2, which reads wav, flac, ogg (vorbis/opus) *and* mp3, so no
   ffmpeg is needed. Only when libsndfile cannot open a file do we fall back to
   audioread, which needs a system decoder (ffmpeg or GStreamer) for anything
-  but wav/aiff/au, and yields 16-bit precision.
+  but wav/aiff/au, and yields 16-bit precision. An encoded file may also come as
+  bytes (a Hugging Face `Audio` feature embeds them in parquet); libsndfile reads
+  those from memory, with no audioread fallback. A `.npy` file is a waveform already
+  decoded at 16 kHz (MuFun's training data stores some clips so).
 * The waveform is read as float32, mixed down to mono by the mean of the
   channels, optionally cropped on the native-rate signal, then resampled with
   soxr "HQ" -- exactly what `librosa.load(path, sr=16000, mono=True)` does in
@@ -15,7 +18,7 @@ Matches what MuFun feeds its Whisper-large-v3 encoder (BRIEF §1.1):
   We call soxr directly rather than librosa so data workers skip librosa's
   multi-second import. (MuFun's *training* loader instead decodes with ffmpeg
   and resamples with torchaudio's sinc filter; the two resamplers differ only
-  in their anti-aliasing filters. We follow the librosa path the brief names.)
+  in their anti-aliasing filters. We follow librosa's, the common reference.)
 * Chunking and the log-mel follow `WhisperFeatureExtractor(feature_size=128)`
   applied to every 480,000-sample chunk, the way the reference data loader
   does. `log_mel_np` runs on the host in float64; `log_mel_jax` is the same
@@ -35,6 +38,7 @@ an error rather than a silently shorter clip.
 from __future__ import annotations
 
 import functools
+import io
 import math
 import os
 
@@ -102,6 +106,34 @@ def _decode(path: str) -> tuple[np.ndarray, int]:
             ) from sf_error
 
 
+def _decode_bytes(data: bytes, name: str) -> tuple[np.ndarray, int]:
+    """An encoded file held in memory (e.g. a Hub `Audio` feature's `bytes`), by libsndfile only:
+    audioread needs a file on disk."""
+    try:
+        return soundfile.read(io.BytesIO(data), dtype="float32", always_2d=True)
+    except (soundfile.LibsndfileError, RuntimeError, TypeError) as e:
+        raise AudioError(
+            f"cannot decode audio {name} (unsupported format or corrupt data); libsndfile said: {e}"
+        ) from None
+
+
+def _load_npy(path: str) -> tuple[np.ndarray, int]:
+    """A precomputed waveform: a 1-D float array of 16 kHz samples, as MuFun's training data
+    stores them in `.npy` files. MuFun's loader hands such an array to the feature extractor
+    whole, as one chunk (which keeps its first 30 s) and ignores `time`; here it is cropped
+    and cut into 30 s chunks like any decoded file, which is the same for clips up to 30 s."""
+    try:
+        wav = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise AudioError(f"cannot read waveform file {path} ({e})") from None
+    if wav.ndim != 1 or not np.issubdtype(wav.dtype, np.floating):
+        raise AudioError(
+            f"cannot use waveform file {path}: a .npy waveform must be a 1-D float array of "
+            f"{SAMPLE_RATE} Hz samples, got a {wav.dtype} array of shape {wav.shape}"
+        )
+    return wav.astype(np.float32)[:, None], SAMPLE_RATE
+
+
 def _crop(
     wav: np.ndarray,
     rate: int,
@@ -146,25 +178,32 @@ def _resample(wav: np.ndarray, rate: int, target_rate: int) -> np.ndarray:
 
 
 def load_audio(
-    path: str | os.PathLike,
+    source: str | os.PathLike | bytes,
     *,
     start: float | None = None,
     end: float | None = None,
     sr: int = SAMPLE_RATE,
     end_tolerance: float = 1.0,
+    name: str | None = None,
 ) -> np.ndarray:
-    """Decodes an audio file to a mono float32 waveform at `sr` Hz, optionally cropped.
+    """Decodes audio to a mono float32 waveform at `sr` Hz, optionally cropped.
 
-    See the module docstring for the decoder, resampler and crop rules.
-    Raises `AudioError` for a missing, undecodable, empty or non-finite file and
-    for a crop that does not fit the file.
+    `source` is a file path, or the bytes of an encoded file (wav, flac, ogg, mp3; `name`
+    then says where they came from in error messages). A path ending in `.npy` is a
+    precomputed 16 kHz waveform (`_load_npy`). The same crop and resample rules apply to
+    all three (module docstring). Raises `AudioError` for a missing, undecodable, empty or
+    non-finite source and for a crop that does not fit it.
     """
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        raise AudioError(f"audio file not found: {path}")
-    if not os.path.isfile(path):
-        raise AudioError(f"audio path is not a file: {path}")
-    data, rate = _decode(path)
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        path = name or f"<{len(source)} bytes>"
+        data, rate = _decode_bytes(bytes(source), path)
+    else:
+        path = os.fspath(source)
+        if not os.path.exists(path):
+            raise AudioError(f"audio file not found: {path}")
+        if not os.path.isfile(path):
+            raise AudioError(f"audio path is not a file: {path}")
+        data, rate = _load_npy(path) if path.endswith(".npy") else _decode(path)
     if data.size == 0:
         raise AudioError(f"audio file {path} contains no samples")
     if not np.isfinite(data).all():

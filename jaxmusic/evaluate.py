@@ -1,51 +1,64 @@
-"""`jaxmusic eval`: multiple-choice evaluation on MuCUE-style benchmark files.
+"""`jaxmusic eval`: multiple-choice evaluation, MuCUE's protocol end to end.
 
-Benchmark file: JSONL (or a JSON list), one item per line:
-`{"id": ..., "audio": "a.wav" | [...], "time": [start, end] (optional), "question": "...",
-"choices": ["...", ...], "answer": "B" | 1 | "option text", "subset": "tempo" (optional)}`.
-`answer` is a letter (A = first choice), a 0-based integer index, or the text of one choice.
-Audio paths are relative to `--audio-root` (default: the benchmark file's folder).
+    jaxmusic eval CKPT --benchmark PATH [--mode generate|loglik] [--judge QWEN3_CKPT] [--out DIR]
 
-Modes:
-* `generate` (MuCUE's protocol): the prompt is exactly
-  `"Choose the correct option for the question based on the audio. " + question + " " + choices_text`
-  with `choices_text` = `"A. first\\nB. second\\nC. third\\nD. fourth"` (MuCUE's public
-  material does not spell the choice layout out; this is the common "letter, period, text, one
-  per line" form). Greedy decoding, at most 64 new tokens, then `extract_choice` reads the
-  chosen option; an answer it cannot read is counted as unparsed (and wrong), never guessed.
-* `loglik`: the same prompt; each option's text is scored as the answer (sum of log p over
-  its tokens and `<|im_end|>`, as `jaxmusic score`), the best total wins; an exact tie is
-  counted as unparsed.
+PATH is jaxmusic's JSONL benchmark file, or MuCUE as published on the Hugging Face Hub (a
+snapshot folder or one of its parquet files, read as it is; `jaxmusic.evaluation.benchmarks`).
 
-Accuracy = correct / scored, where scored items exclude skipped ones (an audio file that cannot
-be decoded or cropped is reported and skipped). Results go to `--out`: `items.jsonl` (one line
-per item, appended as the run goes: a rerun skips items already scored and retries skipped
-ones), `results.json` (per-subset and overall accuracy, chance, counts, skipped items) and
-`accuracy.png` (bar chart with chance marks). The overall figure is the micro average over all
-scored items; `macro` is the mean over subsets (MuCUE's headline average).
+Modes (both use MuCUE's prompt `"Choose the correct option for the question based on the
+audio. " + question + " " + choices_text`, with MuCUE's `choices_text` verbatim):
+
+* `generate` (MuCUE-Bench's protocol): greedy decoding, at most 64 new tokens, then a letter is
+  read from the answer, by `extract_choice` (rules, no model) or, with `--judge`, by a Qwen3
+  judge as MuCUE-Bench does (`jaxmusic.evaluation.judge`: its prompt, temperature 0.1, 32
+  tokens, seeded per item). Both readings are recorded and their parse rates reported; the
+  judge's decides when there is one. An answer that yields no letter is unparsed (and wrong),
+  never guessed.
+* `loglik` (no judge needed): each option's text is scored as the answer (sum of log p over its
+  tokens and `<|im_end|>`, as `jaxmusic score`); the best total wins, an exact tie is unparsed.
+
+Accuracy = correct / scored, per subset; the macro average over subsets is MuCUE's headline
+AVG, the micro average is over items; the published MuCUE-Bench rows are shown beside the
+subsets they cover (`jaxmusic.evaluation.report`). An item whose audio cannot be decoded or
+cropped, or that is too long for the model, is reported, counted as skipped and retried by a
+rerun. Results go to `--out`: `items.jsonl` (one record per item), `results.json` (per-subset
+`items`, `scored`, `correct`, `wrong`, `unparsed`, `skipped`, accuracy, chance; macro and micro
+averages; the published rows; parse rates; skipped items) and `accuracy.png`.
+
+Scale: items go to the model in batches of `--batch-size`; several processes (`launch/local.py
+-n 8 --gpus-per-process 1 -- jaxmusic eval ...`, or `launch/slurm.sbatch eval ...`) each score
+their block of the items on their own device and the results are merged
+(`jaxmusic.evaluation.records`). A rerun of the same command, on any number of processes,
+scores only what is missing; SIGTERM stops every process after its current batch (exit 75).
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import functools
-import hashlib
 import json
 import re
+import signal
 import sys
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
 from jaxmusic import templates
 from jaxmusic.errors import UserError, run_command
+from jaxmusic.evaluation import records as records_lib
+from jaxmusic.evaluation.benchmarks import Item, ParquetAudio, read_benchmark
+from jaxmusic.evaluation.report import format_table, plot, summarise
 
 LETTERS = templates.LETTERS
 MAX_NEW_TOKENS = 64
 MODES = ("generate", "loglik")
+EXIT_PREEMPTED = 75     # as `jaxmusic train`: stopped by SIGTERM, rerun to resume
+WAIT_SECONDS = 2.0      # how often process 0 looks for the other processes' records
 
 
 # ------------------------------------------------------------------------------ extraction
@@ -114,94 +127,6 @@ def extract_choice(output: str, choices: Sequence[str]) -> int | None:
     return mentioned.pop() if len(mentioned) == 1 else None
 
 
-# ------------------------------------------------------------------------------ benchmark
-
-@dataclasses.dataclass(frozen=True)
-class Item:
-    key: str                    # position + content digest: what resume matches on
-    id: str
-    subset: str
-    audio: tuple[str, ...]
-    segments: tuple[tuple[float, float] | None, ...]
-    question: str
-    choices: tuple[str, ...]
-    answer: int
-
-
-def _answer_index(answer, choices: Sequence[str]) -> int:
-    if isinstance(answer, bool):
-        raise ValueError(f"answer {answer!r} is neither a letter, an index nor a choice")
-    if isinstance(answer, int):
-        if not 0 <= answer < len(choices):
-            raise ValueError(f"answer index {answer} outside 0..{len(choices) - 1}")
-        return answer
-    if isinstance(answer, str):
-        a = answer.strip()
-        if len(a) == 1 and a.upper() in LETTERS[:len(choices)]:
-            return LETTERS.index(a.upper())
-        matches = [i for i, c in enumerate(choices) if c.strip() == a]
-        if len(matches) == 1:
-            return matches[0]
-    raise ValueError(f"answer {answer!r} is neither a letter, a 0-based index nor one choice's text")
-
-
-def _segments(time, n_audio: int):
-    if time is None:
-        return ()
-    if len(time) == 2 and all(isinstance(t, (int, float)) for t in time):
-        return (tuple(float(t) for t in time),)
-    if len(time) != n_audio:
-        raise ValueError(f"'time' has {len(time)} entries for {n_audio} audio files")
-    return tuple(None if t is None else tuple(float(x) for x in t) for t in time)
-
-
-def read_benchmark(path: str | Path, audio_root: str | Path | None = None, limit: int | None = None) -> list[Item]:
-    """Parse and validate a benchmark file; a malformed item is a UserError naming its line."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: cannot read the benchmark ({e})") from None
-    root = Path(audio_root) if audio_root is not None else path.parent
-    if text.lstrip().startswith("["):
-        try:
-            rows = [(i + 1, r) for i, r in enumerate(json.loads(text))]
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}: not valid JSON ({e})") from None
-    else:
-        rows = []
-        for n, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    rows.append((n, json.loads(line)))
-                except json.JSONDecodeError as e:
-                    raise UserError(f"{path}:{n}: not valid JSON ({e})") from None
-    items = []
-    for n, d in rows[:limit] if limit is not None else rows:
-        try:
-            audio = d.get("audio", [])
-            audio = [audio] if isinstance(audio, str) else list(audio)
-            choices = d["choices"]
-            if isinstance(choices, dict):  # {"A": ..., "B": ...}
-                choices = [choices[k] for k in sorted(choices)]
-            if len(choices) < 2 or not all(isinstance(c, str) for c in choices) or len(choices) > len(LETTERS):
-                raise ValueError(f"'choices' must be 2-{len(LETTERS)} strings")
-            if not isinstance(d["question"], str) or not d["question"].strip():
-                raise ValueError("'question' must be a non-empty string")
-            if d["question"].count(templates.AUDIO_PLACEHOLDER) not in (0, len(audio)):
-                raise ValueError(f"the question has {d['question'].count(templates.AUDIO_PLACEHOLDER)} "
-                                 f"{templates.AUDIO_PLACEHOLDER} tags for {len(audio)} audio files")
-            digest = hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
-            items.append(Item(key=f"{n}:{digest}", id=str(d.get("id", n)), subset=str(d.get("subset") or "default"),
-                              audio=tuple(str(root / a) for a in audio),
-                              segments=_segments(d.get("time"), len(audio)), question=d["question"],
-                              choices=tuple(choices), answer=_answer_index(d["answer"], choices)))
-        except (KeyError, TypeError, ValueError, AttributeError) as e:
-            raise UserError(f"{path}:{n}: not a benchmark item ({type(e).__name__}: {e}); expected "
-                            '{"audio", "question", "choices", "answer", optional "time", "subset", "id"}') from None
-    return items
-
-
 # ------------------------------------------------------------------------------ model calls
 
 def _pad_to(n: int, minimum: int = 1) -> int:
@@ -217,7 +142,7 @@ def _generate(loaded, items: Sequence[Item], mels, batch_size: int) -> list[str]
     from jaxmusic.generate import generate
 
     tok = loaded.tokenizer
-    texts = [templates.encode_prompt(templates.mucue_prompt(it.question, it.choices), len(it.audio), tok) for it in items]
+    texts = [templates.encode_prompt(it.prompt, len(it.audio), tok) for it in items]
     # generate compiles per batch size: pad with text-only rows, which cost the encoder nothing
     pad = batch_size - len(items)
     filler = templates.encode_prompt(".", 0, tok)
@@ -256,7 +181,7 @@ def _loglik(loaded, items: Sequence[Item], mels, batch_size: int) -> list[list[f
     tok, cfg = loaded.tokenizer, loaded.cfg
     texts, owner = [], []
     for j, it in enumerate(items):
-        prompt = templates.mucue_prompt(it.question, it.choices)
+        prompt = it.prompt
         texts += [templates.encode_scoring(prompt, c, len(it.audio), tok) for c in it.choices]
         owner += [j] * len(it.choices)
     # rows padded (with copies of row 0) to a size that is the same for every full batch
@@ -303,18 +228,29 @@ def _loglik(loaded, items: Sequence[Item], mels, batch_size: int) -> list[list[f
 def prepare_item(loaded, item: Item, mode: str):
     """`(log-mel chunks per audio file, None)`, or `(None, reason)` for an item to skip.
 
-    Skipped: audio that cannot be read, decoded or cropped, and an item too long for the
-    model's largest length bucket (so one bad item never stops a long benchmark).
+    Skipped: audio that cannot be read, decoded or cropped, an item too long for the model's
+    largest length bucket, and in loglik mode an item whose option texts are unknown (a MuCUE
+    `choices_text` layout `split_choices` does not read), so one bad item never stops a run.
     """
     from jaxmusic import inference
 
+    if mode == "loglik" and not all(item.choices):
+        return None, f"loglik scores option texts; cannot split choices_text {item.choices_text!r} into options"
+    where = ""
     try:
-        request = inference.Request(question=item.question, audio=item.audio, segments=item.segments)
+        sources = []
+        for src in item.audio:
+            where = f"{src}: " if isinstance(src, ParquetAudio) else ""
+            data = src.read() if isinstance(src, ParquetAudio) else src
+            if data is None:
+                raise UserError("the row holds no audio bytes")
+            sources.append(data)
+        request = inference.Request(question=item.question, audio=tuple(sources), segments=item.segments)
         mels = inference.request_mels(loaded, request)
     except (UserError, OSError, RuntimeError, ValueError) as e:  # AudioError is a UserError
-        return None, f"{type(e).__name__}: {e}" if not isinstance(e, UserError) else str(e)
+        return None, where + (str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}")
     tok, cfg = loaded.tokenizer, loaded.cfg
-    prompt = templates.encode_prompt(templates.mucue_prompt(item.question, item.choices), len(item.audio), tok)
+    prompt = templates.encode_prompt(item.prompt, len(item.audio), tok)
     answer = 1 + (max(len(tok(c, add_special_tokens=False)["input_ids"]) for c in item.choices)
                   if mode == "loglik" else 0)
     n_chunks = sum(map(len, mels))
@@ -325,105 +261,11 @@ def prepare_item(loaded, item: Item, mode: str):
     return mels, None
 
 
-def _done_records(path: Path) -> dict[str, dict]:
-    """Records already written (the last one per item wins); a torn last line is ignored."""
-    done = {}
-    if path.is_file():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                rec = json.loads(line)
-                done[rec["key"]] = rec
-            except (json.JSONDecodeError, KeyError, TypeError):
-                continue
-    return done
-
-
-def _check_run(out: Path, run: dict) -> None:
-    """An --out folder holds one (checkpoint, benchmark, mode) run, so resumed records are comparable."""
-    meta = out / "run.json"
-    if meta.is_file():
-        old = json.loads(meta.read_text())
-        if old != run:
-            raise UserError(f"{out} holds results of another run ({old}); pass a different --out")
-    else:
-        meta.write_text(json.dumps(run, indent=1))
-
-
 def _status(pred: int | None, answer: int) -> str:
     return "unparsed" if pred is None else ("correct" if pred == answer else "wrong")
 
 
-def summarise(items: Sequence[Item], records: dict[str, dict]) -> dict:
-    """Per-subset and overall counts, accuracy and chance from the item records."""
-    subsets: dict[str, dict] = {}
-    for it in items:
-        rec = records[it.key]
-        s = subsets.setdefault(it.subset, {"items": 0, "scored": 0, "correct": 0, "wrong": 0, "unparsed": 0,
-                                           "skipped": 0, "chance_sum": 0.0})
-        s["items"] += 1
-        s[rec["status"]] += 1
-        if rec["status"] != "skipped":
-            s["scored"] += 1
-            s["chance_sum"] += 1.0 / len(it.choices)
-    for s in subsets.values():
-        s["accuracy"] = s["correct"] / s["scored"] if s["scored"] else None
-        s["chance"] = s.pop("chance_sum") / s["scored"] if s["scored"] else None
-    scored = sum(s["scored"] for s in subsets.values())
-    accs = [s["accuracy"] for s in subsets.values() if s["accuracy"] is not None]
-    overall = {k: sum(s[k] for s in subsets.values()) for k in ("items", "scored", "correct", "wrong",
-                                                                "unparsed", "skipped")}
-    overall["accuracy"] = overall["correct"] / scored if scored else None
-    overall["chance"] = (sum(s["chance"] * s["scored"] for s in subsets.values() if s["scored"]) / scored
-                         if scored else None)
-    overall["macro"] = sum(accs) / len(accs) if accs else None
-    skipped = [{"id": it.id, "error": records[it.key].get("error")} for it in items
-               if records[it.key]["status"] == "skipped"]
-    return {"subsets": dict(sorted(subsets.items())), "overall": overall, "skipped_items": skipped}
-
-
-def format_table(summary: dict) -> str:
-    def pct(x):
-        return "   -  " if x is None else f"{100 * x:5.1f}%"
-
-    rows = list(summary["subsets"].items()) + [("overall", summary["overall"])]
-    width = max(len(name) for name, _ in rows)
-    lines = [f"{'subset':<{width}}  {'items':>5}  {'scored':>6}  {'correct':>7}  {'unparsed':>8}  {'skipped':>7}"
-             f"  {'accuracy':>8}  {'chance':>6}"]
-    for name, s in rows:
-        lines.append(f"{name:<{width}}  {s['items']:5d}  {s['scored']:6d}  {s['correct']:7d}  {s['unparsed']:8d}  "
-                     f"{s['skipped']:7d}  {pct(s['accuracy']):>8}  {pct(s['chance']):>6}")
-    if summary["overall"]["macro"] is not None:
-        lines.append(f"macro average over subsets: {pct(summary['overall']['macro']).strip()}")
-    return "\n".join(lines)
-
-
-def plot(summary: dict, path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [(n, s) for n, s in summary["subsets"].items() if s["accuracy"] is not None]
-    rows.append(("overall", summary["overall"]))
-    names = [n for n, _ in rows]
-    acc = np.array([100 * (s["accuracy"] or 0.0) for _, s in rows])
-    chance = np.array([100 * (s["chance"] or 0.0) for _, s in rows])
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.9 * len(names) + 2), 3.8))
-    x = np.arange(len(names))
-    bars = ax.bar(x, acc, color=["tab:blue"] * (len(names) - 1) + ["tab:gray"], label="accuracy")
-    ax.bar_label(bars, fmt="%.1f", fontsize=8)
-    ax.hlines(chance, x - 0.4, x + 0.4, colors="tab:red", linestyles="--", label="chance")
-    ax.set_xticks(x, names, rotation=30, ha="right")
-    ax.set_ylim(0, 115)
-    ax.set_ylabel("accuracy (%)")
-    ax.set_title(title)
-    ax.legend(loc="upper left", fontsize=8, ncols=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def _score_batch(loaded, batch: Sequence[Item], prepared, mode: str, batch_size: int) -> list[dict]:
+def _score_batch(loaded, batch: Sequence[Item], prepared, mode: str, batch_size: int, judge=None) -> list[dict]:
     """One record per item: skipped (with the reason), or the model's pick and its status."""
     records = [{"key": it.key, "id": it.id, "subset": it.subset, "status": "skipped", "error": error}
                for it, (_, error) in zip(batch, prepared) if error is not None]
@@ -432,10 +274,19 @@ def _score_batch(loaded, batch: Sequence[Item], prepared, mode: str, batch_size:
         return records
     items, mels = zip(*ready)
     if mode == "generate":
-        for it, text in zip(items, _generate(loaded, items, mels, batch_size)):
-            pred = extract_choice(text, it.choices)
-            records.append({"key": it.key, "id": it.id, "subset": it.subset, "status": _status(pred, it.answer),
-                            "pred": pred, "answer": it.answer, "output": text})
+        from jaxmusic.evaluation.judge import read_letter
+
+        outputs = _generate(loaded, items, mels, batch_size)
+        replies = (judge.replies([it.key for it in items], [it.choices_text for it in items], outputs, batch_size)
+                   if judge is not None else [None] * len(items))
+        for it, text, reply in zip(items, outputs, replies):
+            rec = {"key": it.key, "id": it.id, "subset": it.subset, "answer": it.answer, "output": text,
+                   "pred_rule": extract_choice(text, it.choices)}
+            if reply is not None:
+                rec.update(judge_reply=reply, pred_judge=read_letter(reply, len(it.choices)))
+            rec["pred"] = rec["pred_judge"] if reply is not None else rec["pred_rule"]
+            rec["status"] = _status(rec["pred"], it.answer)
+            records.append(rec)
     else:
         for it, scores in zip(items, _loglik(loaded, items, mels, batch_size)):
             best = int(np.argmax(scores))
@@ -445,12 +296,37 @@ def _score_batch(loaded, batch: Sequence[Item], prepared, mode: str, batch_size:
     return records
 
 
+class Interrupted(Exception):
+    """A stop was requested (SIGTERM); what was scored is on disk and a rerun resumes."""
+
+
+def _wait_for_all(out: Path, keys: Sequence[str], stop, progress: bool) -> None:
+    """Process 0: until every item has a record (the other processes' blocks included)."""
+    from tqdm import tqdm
+
+    with tqdm(total=len(keys), desc="waiting for the other processes", unit="item", disable=not progress) as bar:
+        while True:
+            recorded = records_lib.read_records(out)
+            bar.update(sum(k in recorded for k in keys) - bar.n)
+            if bar.n == len(keys):
+                return
+            if stop is not None and stop():
+                raise Interrupted("stopped while waiting for the other processes")
+            time.sleep(WAIT_SECONDS)
+
+
 def run(checkpoint: str, benchmark: str, *, audio_root: str | None = None, mode: str = "generate",
         limit: int | None = None, out: str | None = None, batch_size: int = 8, dtype: str = "float32",
-        loaded=None, progress: bool = True) -> dict:
+        loaded=None, progress: bool = True, judge: str | None = None, judge_temperature: float = 0.1,
+        judge_seed: int = 0, process: tuple[int, int] = (0, 1),
+        stop: Callable[[], bool] | None = None) -> dict | None:
     """Evaluate `checkpoint` on `benchmark`; returns the summary (also written to `out`).
 
     `loaded` (an `inference.Loaded`) skips loading `checkpoint` again, e.g. right after training.
+    `judge`: a Qwen3 checkpoint that reads the letters (generate mode). `process`: (index,
+    count) of this process in a multi-process run, which scores its block of the items; the
+    summary is None when other processes are still scoring theirs (the last one to finish
+    writes the results). `stop()`, checked after every batch, ends the run with `Interrupted`.
     """
     from tqdm import tqdm
 
@@ -458,25 +334,38 @@ def run(checkpoint: str, benchmark: str, *, audio_root: str | None = None, mode:
         raise UserError(f"unknown mode {mode!r}; expected one of {MODES}")
     if batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {batch_size}")
+    if judge is not None and mode != "generate":
+        raise UserError("--judge reads letters from generated answers: it needs --mode generate")
     items = read_benchmark(benchmark, audio_root, limit)
     if not items:
         raise UserError(f"{benchmark}: no items")
+    index, count = process
     out_dir = Path(out) if out else Path("eval_results") / f"{Path(benchmark).stem}-{mode}"
     out_dir.mkdir(parents=True, exist_ok=True)
-    _check_run(out_dir, {"checkpoint": str(Path(checkpoint).resolve()), "benchmark": str(Path(benchmark).resolve()),
-                         "mode": mode})
-    log = out_dir / "items.jsonl"
-    records = _done_records(log)
-    todo = [it for it in items if records.get(it.key, {}).get("status") in (None, "skipped")]
-    if todo and loaded is None:
+    meta = {"checkpoint": str(Path(checkpoint).resolve()), "benchmark": str(Path(benchmark).resolve()), "mode": mode}
+    if judge is not None:
+        meta.update(judge=str(Path(judge).resolve()), judge_temperature=judge_temperature, judge_seed=judge_seed)
+    records_lib.check_run(out_dir, meta)
+    done = records_lib.read_records(out_dir)
+    mine = items[records_lib.block(len(items), index, count)]
+    todo = [it for it in mine if done.get(it.key, {}).get("status") in (None, "skipped")]
+    judge_model = None
+    if todo:
         from jaxmusic import inference
         from jaxmusic.nn import ModelOptions
 
-        loaded = inference.load(checkpoint, ModelOptions.from_names(param_dtype=dtype, dtype=dtype))
+        if loaded is None:
+            loaded = inference.load(checkpoint, ModelOptions.from_names(param_dtype=dtype, dtype=dtype))
+        if judge is not None:
+            from jaxmusic.evaluation.judge import Judge
+
+            judge_model = Judge(judge, dtype=dtype, temperature=judge_temperature, seed=judge_seed)
 
     batches = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
-    with open(log, "a", encoding="utf-8") as f, ThreadPoolExecutor(1) as pool, \
-            tqdm(total=len(items), initial=len(items) - len(todo), desc=f"eval ({mode})", unit="item",
+    where = f" [process {index} of {count}]" if count > 1 else ""
+    with records_lib.open_record_file(out_dir, index, count) as f, \
+            ThreadPoolExecutor(1) as pool, \
+            tqdm(total=len(mine), initial=len(mine) - len(todo), desc=f"eval ({mode}){where}", unit="item",
                  disable=not progress) as bar:
         def prepare(batch):
             return [prepare_item(loaded, it, mode) for it in batch]
@@ -486,47 +375,94 @@ def run(checkpoint: str, benchmark: str, *, audio_root: str | None = None, mode:
             prepared = upcoming.result()
             if b + 1 < len(batches):  # decode the next batch's audio while the model works on this one
                 upcoming = pool.submit(prepare, batches[b + 1])
-            new = _score_batch(loaded, batch, prepared, mode, batch_size)
-            for rec in new:
+            for rec in _score_batch(loaded, batch, prepared, mode, batch_size, judge_model):
                 if rec["status"] == "skipped":
                     bar.write(f"skipped {rec['id']}: {rec['error']}")
                 f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-                records[rec["key"]] = rec
             f.flush()
             bar.update(len(batch))
+            if stop is not None and stop() and b + 1 < len(batches):
+                upcoming.cancel()
+                raise Interrupted(f"stopped after {bar.n} of this process's {len(mine)} items")
 
-    summary = summarise(items, records)
-    summary.update(mode=mode, checkpoint=str(checkpoint), benchmark=str(benchmark), out=str(out_dir))
-    (out_dir / "results.json").write_text(json.dumps(summary, indent=1))
-    plot(summary, out_dir / "accuracy.png", f"{Path(benchmark).name} ({mode})")
+    keys = [it.key for it in items]
+    if index == 0 and count > 1:
+        _wait_for_all(out_dir, keys, stop, progress)
+    with records_lib.merge_lock(out_dir):
+        recorded = records_lib.read_records(out_dir)
+        if any(k not in recorded for k in keys):
+            return None  # others are still scoring; the last to finish writes the results
+        records_lib.write_merged(out_dir, keys, recorded)
+        summary = summarise(items, recorded)
+        summary.update(mode=mode, checkpoint=str(checkpoint), benchmark=str(benchmark), judge=judge,
+                       out=str(out_dir))
+        (out_dir / "results.json").write_text(json.dumps(summary, indent=1))
+        plot(summary, out_dir / "accuracy.png", f"{Path(benchmark).name} ({mode})")
     return summary
 
 
 # ------------------------------------------------------------------------------ CLI
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from jaxmusic import distributed
+
     p.add_argument("checkpoint", help="jaxmusic checkpoint folder, or a released MuFun (HF) folder")
-    p.add_argument("--benchmark", required=True, metavar="FILE", help="MuCUE-style JSONL benchmark")
-    p.add_argument("--audio-root", metavar="DIR", help="folder the audio paths are relative to "
+    p.add_argument("--benchmark", required=True, metavar="PATH",
+                   help="a JSONL benchmark file, or MuCUE as published: a Hub snapshot folder or one of its "
+                        "parquet files")
+    p.add_argument("--audio-root", metavar="DIR", help="folder a JSONL file's audio paths are relative to "
                                                         "(default: the benchmark file's folder)")
     p.add_argument("--mode", choices=MODES, default="generate",
                    help="generate: MuCUE protocol (greedy answer, letter extraction); loglik: score each option")
+    p.add_argument("--judge", metavar="QWEN3_CKPT",
+                   help="read the letters with this Qwen3 (HF folder or jaxmusic checkpoint), as MuCUE-Bench "
+                        "does with Qwen3-8B; default: the rule-based extractor")
+    p.add_argument("--judge-temperature", type=float, default=0.1,
+                   help="the judge's sampling temperature (MuCUE-Bench: 0.1; 0 = greedy, batched)")
+    p.add_argument("--judge-seed", type=int, default=0, help="seed of the judge's sampling (per item)")
     p.add_argument("--limit", type=int, metavar="N", help="only the first N items")
     p.add_argument("--out", metavar="DIR", help="results folder (default eval_results/<benchmark>-<mode>); "
                                                  "rerunning with the same folder resumes")
     p.add_argument("--batch-size", type=int, default=8, help="items per batch")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                    help="parameter and compute dtype (bfloat16 halves memory on GPUs)")
+    distributed.add_arguments(p)
+
+
+def _use_own_devices(layout) -> None:
+    """Under SLURM every task may see all GPUs of its node: keep to this process's own."""
+    if layout is not None and layout.local_device_ids is not None:
+        import jax
+
+        jax.config.update("jax_cuda_visible_devices", ",".join(map(str, layout.local_device_ids)))
 
 
 def main(argv: list[str] | None = None) -> int:
+    from jaxmusic import distributed
+
     parser = argparse.ArgumentParser(prog="jaxmusic eval", description=__doc__.split("\n\n")[0])
     add_arguments(parser)
     args = parser.parse_args(argv)
+    requested = threading.Event()
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda *_: requested.set())
 
     def evaluate():
-        summary = run(args.checkpoint, args.benchmark, audio_root=args.audio_root, mode=args.mode,
-                      limit=args.limit, out=args.out, batch_size=args.batch_size, dtype=args.dtype)
+        layout = distributed.resolve_layout(args.coordinator, args.num_processes, args.process_id)
+        _use_own_devices(layout)
+        process = (layout.process_id, layout.num_processes) if layout else (0, 1)
+        try:
+            summary = run(args.checkpoint, args.benchmark, audio_root=args.audio_root, mode=args.mode,
+                          limit=args.limit, out=args.out, batch_size=args.batch_size, dtype=args.dtype,
+                          judge=args.judge, judge_temperature=args.judge_temperature, judge_seed=args.judge_seed,
+                          process=process, stop=requested.is_set)
+        except Interrupted as e:
+            print(f"{e} (SIGTERM); rerun the same command to resume", file=sys.stderr)
+            return EXIT_PREEMPTED
+        if summary is None:
+            print(f"process {process[0]} of {process[1]}: its items are scored; the last process to finish "
+                  "writes the results")
+            return None
         print(format_table(summary))
         out = Path(summary["out"])
         print(f"results: {out / 'results.json'}, chart: {out / 'accuracy.png'}, per item: {out / 'items.jsonl'}")

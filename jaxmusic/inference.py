@@ -76,8 +76,9 @@ def _released_cache(folder: Path) -> Path:
 
 
 def resolve_checkpoint(path: str | os.PathLike, mufun_config: str | None = None) -> Path:
-    """A jaxmusic checkpoint folder for `path`, importing a released MuFun folder if needed
-    (with the glue settings of `mufun_config`, default jaxmusic/configs/mufun.yaml)."""
+    """A jaxmusic checkpoint folder for `path`, importing a released MuFun folder (with the glue
+    settings of `mufun_config`, default jaxmusic/configs/mufun.yaml) or a Hugging Face Qwen3
+    folder (an LLM-only checkpoint, e.g. `jaxmusic eval --judge`) once if needed."""
     from jaxmusic import checkpoints
 
     folder = Path(path)
@@ -91,14 +92,18 @@ def resolve_checkpoint(path: str | os.PathLike, mufun_config: str | None = None)
             model_type = json.loads(config.read_text()).get("model_type")
         except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
             model_type = None
-        if model_type == "tinyllava":
+        if model_type in ("tinyllava", "qwen3"):
             cached = _released_cache(folder)
             if not (cached / checkpoints.META_FILE).is_file():
-                print(f"importing released MuFun folder {folder} into {cached} (once)")
-                checkpoints.import_mufun(cached, folder, mufun_config=mufun_config)
+                what = "released MuFun" if model_type == "tinyllava" else "Qwen3"
+                print(f"importing {what} folder {folder} into {cached} (once)")
+                if model_type == "tinyllava":
+                    checkpoints.import_mufun(cached, folder, mufun_config=mufun_config)
+                else:
+                    checkpoints.import_hf(cached, llm=str(folder))
             return cached
     raise UserError(f"{path}: neither a jaxmusic checkpoint ({checkpoints.META_FILE}) nor a released "
-                    "MuFun folder (config.json with model_type 'tinyllava')")
+                    "MuFun folder (config.json with model_type 'tinyllava') nor a Qwen3 folder")
 
 
 def load(path: str | os.PathLike, opts: ModelOptions = ModelOptions(), mufun_config: str | None = None) -> Loaded:

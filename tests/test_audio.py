@@ -262,3 +262,56 @@ def test_audioread_fallback_when_libsndfile_fails(tmp_path, monkeypatch):
     monkeypatch.setattr(audio, "_decode_soundfile", refuse)
     # 16-bit PCM scaled by 1/32768 is exact in float32: bit-identical.
     np.testing.assert_array_equal(audio.load_audio(path), expected)
+
+
+# --------------------------------------------------------------------------- bytes and .npy
+
+
+@pytest.mark.parametrize("fmt", ["wav", "flac", "mp3"])
+def test_bytes_decode_like_the_file_with_the_same_crop(tmp_path, fmt):
+    """An encoded file held in memory (a Hub `Audio` feature's bytes) is the file."""
+    path = tmp_path / f"clip.{fmt}"
+    soundfile.write(path, music(3 * 22050, 4, sr=22050), 22050)
+    data = path.read_bytes()
+    np.testing.assert_array_equal(audio.load_audio(data), audio.load_audio(path))
+    np.testing.assert_array_equal(audio.load_audio(data, start=0.5, end=2.25),
+                                  audio.load_audio(path, start=0.5, end=2.25))
+    with pytest.raises(AudioError, match="start is at or beyond the end") as info:
+        audio.load_audio(data, start=5.0, end=6.0, name="gtzan row 7")
+    assert "gtzan row 7" in str(info.value)
+
+
+def test_undecodable_bytes_name_their_origin():
+    with pytest.raises(AudioError, match=r"cannot decode audio mucue/x.parquet row 3") as info:
+        audio.load_audio(b"RIFF\x00\x00\x00\x00WAVEnot a wave file" * 3, name="mucue/x.parquet row 3")
+    assert "\n" not in str(info.value)
+
+
+def test_npy_waveform_is_16k_samples_cropped_and_resampled_by_the_same_rules(tmp_path):
+    wav = music(2 * SR, 5)
+    path = tmp_path / "clip.npy"
+    np.save(path, wav.astype(np.float64))  # any float dtype; read as float32
+    np.testing.assert_array_equal(audio.load_audio(path), wav)
+    np.testing.assert_array_equal(audio.load_audio(path, start=0.25, end=1.5), wav[4000:24000])
+    # the same samples as a 16 kHz wav file, at another target rate too
+    as_wav = tmp_path / "clip.wav"
+    soundfile.write(as_wav, wav, SR, subtype="FLOAT")
+    np.testing.assert_array_equal(audio.load_audio(path, sr=8000, start=0.1, end=1.9),
+                                  audio.load_audio(as_wav, sr=8000, start=0.1, end=1.9))
+
+
+@pytest.mark.parametrize("array, message", [
+    (np.zeros((2, 100), np.float32), "1-D float array"),
+    (np.zeros(100, np.int16), "1-D float array"),
+    (np.zeros(0, np.float32), "no samples"),
+    (np.array([0.0, np.inf], np.float32), "NaN or Inf"),
+])
+def test_bad_npy_waveforms_raise(tmp_path, array, message):
+    path = tmp_path / "bad.npy"
+    np.save(path, array)
+    with pytest.raises(AudioError, match=message) as info:
+        audio.load_audio(path)
+    assert str(path) in str(info.value)
+    (tmp_path / "junk.npy").write_bytes(b"not numpy")
+    with pytest.raises(AudioError, match="cannot read waveform file"):
+        audio.load_audio(tmp_path / "junk.npy")

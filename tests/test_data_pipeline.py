@@ -1,5 +1,6 @@
 """Data pipeline: manifests, bad data, determinism across workers and hosts, exact resume."""
 
+import collections
 import json
 import logging
 
@@ -304,14 +305,12 @@ def test_same_seed_same_batches_different_seed_different_order(data, tok):
 
 
 def test_process_shards_partition_the_records(data, tok):
-    for weights in (None, (1.0, 3.0)):
-        cfg = cfg_for(data, [data["jsonl"], data["json"]], weights=weights)
-        whole = [r.where for r in P.record_dataset(cfg, 0, 1, num_epochs=2)]
-        shards = [[r.where for r in P.record_dataset(cfg, i, 3, num_epochs=2)] for i in range(3)]
-        assert sorted(sum(shards, [])) == sorted(whole)
-        assert [s[k] for k in range(len(shards[2])) for s in shards] == whole[: 3 * len(shards[2])]
-        if weights is None:  # the union: every record exactly num_epochs times
-            assert len(whole) == 2 * 28 and len(set(whole)) == 28
+    whole = [r.where for r in P.record_dataset(cfg_for(data, [data["jsonl"], data["json"]]), num_epochs=2)]
+    assert len(whole) == 2 * 28 and len(set(whole)) == 28  # the union: every record exactly num_epochs times
+    # a weighted mixture: the hosts' shards add up to the one-process stream
+    mix = cfg_for(data, [data["jsonl"], data["json"]], weights=(1.0, 3.0))
+    shards = [run(mix, tok, process_index=i, process_count=3)[0] for i in range(3)]
+    assert sorted(sum((_samples(b) for b in shards), [])) == sorted(_samples(run(mix, tok)[0]))
     # through the whole pipeline: the two hosts' examples add up to the records, none twice
     cfg = cfg_for(data)
     runs = [run(cfg, tok, process_index=i, process_count=2) for i in range(2)]
@@ -448,3 +447,124 @@ def test_data_check_reports_every_manifest(data, tok, salted, tmp_path, capsys):
     assert check.main([str(data["jsonl"]), "--audio-root", str(data["audio"]), "--workers", "1"]) == 0
     assert check.main([str(tmp_path / "none.jsonl"), "--audio-root", "x", "--workers", "1"]) == 2
     assert "manifest not found" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ MuFun's data format in full
+
+def test_image_alias_npy_waveforms_and_per_file_time(data, tok, tmp_path):
+    """MuFun's loader reads `"image"` as `"audio"`, `.npy` files as 16 kHz waveforms, and
+    `"time"` with one pair per file; every one of them reaches the examples."""
+    npy = tone(2.0, SR, 9)
+    np.save(data["audio"] / "pre.npy", npy)
+    np.save(data["audio"] / "ints.npy", (npy * 1000).astype(np.int16))
+    two = conv("<audio>\nFirst. <audio>\nSecond?", "blues rock")
+    records = [
+        {"id": "alias", "image": "a.wav", "conversations": conv("<audio>\nWhat genre?", "blues")},
+        {"id": "plain", "audio": "a.wav", "conversations": conv("<audio>\nWhat genre?", "blues")},
+        {"id": "npy", "audio": ["pre.npy", "b.flac"], "time": [[0.5, 1.5], None], "conversations": two},
+        {"id": "npy-alias", "image": "pre.npy", "time": [[0.25, 1.0]], "conversations": conv("<audio>\nQ?", "x")},
+        {"id": "both", "audio": "a.wav", "image": "a.wav", "conversations": conv("<audio>\nQ?", "x")},
+        {"id": "clash", "audio": "a.wav", "image": "b.flac", "conversations": conv("<audio>\nQ?", "x")},
+        {"id": "int-npy", "audio": "ints.npy", "conversations": conv("<audio>\nQ?", "x")},
+    ]
+    path = tmp_path / "mufun.json"  # MuFun's own files are JSON lists
+    path.write_text(json.dumps(records, indent=1))
+    cfg = DataConfig(audio_root=str(data["audio"]), seq_len=1024, chunks_per_row=3, features="waveform")
+    build = ExampleBuilder(cfg, tok, tokens_per_chunk=TPC)
+    source = M.ManifestSource(path)
+    ex = {r["id"]: build(source[i]) for i, r in enumerate(records)}
+    for key in ("pieces", "chunks"):
+        for a, b in zip(ex["alias"][key], ex["plain"][key]):
+            np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(ex["alias"]["audio"][0], ex["plain"]["audio"][0])
+    np.testing.assert_array_equal(ex["npy"]["audio"][0], npy[8000:24000])  # [0.5, 1.5] s of the first file
+    np.testing.assert_array_equal(ex["npy"]["audio"][1], A.load_audio(data["audio"] / "b.flac"))  # whole
+    np.testing.assert_array_equal(ex["npy-alias"]["audio"][0], npy[4000:16000])
+    assert ex["npy"]["seconds"] == pytest.approx(1.0 + 3.0)
+    assert "skip" not in ex["both"]
+    assert ex["clash"]["skip"] == "bad_record" and "alias 'image'" in ex["clash"]["message"]
+    assert ex["int-npy"]["skip"] == "unreadable_audio" and "1-D float array" in ex["int-npy"]["message"]
+
+
+def test_data_check_strict_stops_at_the_first_bad_record(data, salted, capsys):
+    from jaxmusic.data import check
+
+    path, bad, lines = salted
+    first_bad = next(i for i, line in enumerate(lines) if line in bad.values()) + 1
+    args = [str(path), "--audio-root", str(data["audio"]), "--workers", "1", "--max-chunks", "3",
+            "--seq-len", "1024"]
+    assert check.main(args + ["--strict"]) == 1
+    captured = capsys.readouterr()
+    err = [line for line in captured.err.splitlines() if line.startswith("bad record")]
+    assert len(err) == 1 and f"salted.jsonl:{first_bad}: " in err[0], captured.err
+    assert "records usable" not in captured.out  # it stopped there, before any summary
+    assert check.main([str(data["jsonl"]), "--audio-root", str(data["audio"]), "--workers", "1", "--strict"]) == 0
+    assert "1 if any is" in check.build_parser().format_help().replace("\n", " ")
+
+
+@pytest.mark.parametrize("packing", [False, True], ids=["rows", "packed"])
+def test_resume_on_another_process_count_reads_every_record_once(data, tok, salted, packing):
+    """A run saved on 2 processes resumes on 1 and on 4: together with what the 2 processes
+    trained before the cut, every usable record of the epoch is trained exactly once."""
+    path = salted[0]
+    cfg = cfg_for(data, [path], packing=packing, seq_len=2048, chunks_per_row=4, prefetch_batches=2)
+    everything, whole_state = run(cfg, tok)
+    want = sorted(_samples(everything))
+    # samples are distinct, so a duplicate would show (with 4 chunk slots the two-file long.wav record fits too)
+    assert len(want) == len(set(want)) == whole_state["examples"] == len(data["records"]) + 1
+
+    before, states = [], []
+    for process, taken in ((0, 2), (1, 1)):  # the second process has read less (skips land unevenly)
+        it = batches_of(cfg, tok, process_index=process, process_count=2)
+        before += [next(it) for _ in range(taken)]
+        states.append(json.loads(json.dumps(it.get_state())))
+        it.close()
+    assert states[0]["offset"] == 0 and states[1]["stride"] == 2
+    if packing:
+        assert any(s["pending"] for s in states), "the cut should hold examples deferred by packing"
+
+    for count in (1, 4):
+        after, finals = [], []
+        for process in range(count):
+            it = batches_of(cfg, tok, process_index=process, process_count=count)
+            it.set_state(P.reshard_state(states, process, count))
+            after += list(it)
+            finals.append(it.get_state())
+            it.close()
+        got = sorted(_samples(before + after))
+        assert got == want, f"{count} processes: {len(got)} samples for {len(want)} records"
+        # the counters carry over: the resumed processes together account for the whole epoch
+        assert sum(f["examples"] for f in finals) == whole_state["examples"]
+        skipped = sum((collections.Counter(f["skipped"]) for f in finals), collections.Counter())
+        assert skipped == whole_state["skipped"]
+
+    # the saved count itself resumes each shard exactly where it was
+    assert P.reshard_state(states, 1, 2) == states[1]
+    with pytest.raises(ValueError, match="one complete set of shards"):
+        P.reshard_state(states[:1], 0, 1)
+
+
+def test_restore_data_state_reshards_manifest_sources(data, tok, salted):
+    """What the trainer calls on resume, on another process count than the checkpoint's."""
+    from jaxmusic.train.batches import ManifestBatches, restore_data_state
+
+    cfg = cfg_for(data, [salted[0]])
+    states = []
+    for process in range(2):
+        it = batches_of(cfg, tok, process_index=process, process_count=2)
+        next(it)
+        states.append(it.get_state())
+        it.close()
+    source = ManifestBatches(batches_of(cfg, tok), 0, 1)
+    restore_data_state(source, {"process_count": 2, "states": states})
+    state = source.get_state()
+    source.close()
+    assert (state["stride"], state["offset"]) == (1, 0)
+    assert state["start"] == max(s["start"] + s["offset"] + 2 * s["next_index"] for s in states)
+    assert state["examples"] == sum(s["examples"] for s in states)
+    # a state saved before states carried their shard (shard-local indices) still restores
+    old = {k: v for k, v in states[1].items() if k not in ("start", "stride", "offset", "extra")}
+    it = batches_of(cfg, tok, process_index=1, process_count=2)
+    it.set_state(old)
+    assert it.get_state()["next_index"] == states[1]["next_index"]
+    it.close()

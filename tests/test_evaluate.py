@@ -1,25 +1,18 @@
 """`jaxmusic eval`: answer extraction, benchmark parsing, and exact scores of a model forced to one answer.
 
 The model is a real MuFun in the released layout (torch Whisper + Qwen3 + connector), imported
-with `convert/hf_to_jax.py --mufun`, whose LLM is wired as a bigram machine: every layer's
-output projections are zero, so the hidden state at a position is its token's embedding; the
-embeddings are one-hot "states" and `lm_head` maps each state to one next token. It is set so
-that after the prompt it always answers "blues" then `<|im_end|>` (both when generating and when
-an option is scored), whatever the audio. The expected accuracy of any benchmark is then known.
+with `convert/hf_to_jax.py --mufun`, whose LLM is wired as a bigram machine (`forced_model`):
+after the prompt it always answers "blues" then `<|im_end|>` (both when generating and when an
+option is scored), whatever the audio. The expected accuracy of any benchmark is then known.
 """
 
 import dataclasses
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-import soundfile as sf
-import torch
-from safetensors.torch import save_file
-from transformers import Qwen3Config, Qwen3ForCausalLM, WhisperConfig, WhisperForConditionalGeneration
+from forced_model import FORCED, GENRES, forced_mufun_checkpoint, write_audio
 
 from jaxmusic import evaluate, inference, templates
 from jaxmusic.errors import UserError
@@ -27,10 +20,6 @@ from jaxmusic.evaluate import extract_choice
 from jaxmusic.templates import mucue_prompt
 from jaxmusic.demo.tokenizer import train_tokenizer
 
-REPO = Path(__file__).resolve().parent.parent
-FORCED = "blues"
-GENRES = ["blues", "jazz", "rock", "pop"]
-HIDDEN = 32
 
 
 # ------------------------------------------------------------------------------- extraction
@@ -100,7 +89,7 @@ def test_read_benchmark_answer_forms_and_errors(tmp_path):
 # ------------------------------------------------------------------------------- forced model
 
 def _items():
-    """(benchmark item, expected status in generate mode); audio files written by `_write_audio`."""
+    """(benchmark item, expected status in generate mode); audio files written by `write_audio`."""
     return [
         ({"id": "a", "audio": "tone.wav", "question": "Genre?", "choices": GENRES, "answer": "A",
           "subset": "genre"}, "correct"),
@@ -121,89 +110,15 @@ def _items():
     ]
 
 
-def _write_audio(root: Path):
-    t = np.arange(3 * 16000) / 16000
-    sf.write(root / "tone.wav", (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32), 16000)
-    t = np.arange(7 * 22050) / 22050  # three chunks: the test encoder's chunks are 3 s (150 positions)
-    sf.write(root / "long.flac", (0.3 * np.sin(2 * np.pi * 220 * t)).astype(np.float32), 22050)
-    (root / "broken.wav").write_bytes(b"RIFF\x00\x00\x00\x00WAVEfmt not really a wave file" * 4)
-
-
-def _bigram_chain(tok) -> dict[int, int]:
-    """token -> next token, so both a greedy answer and a scored option read `FORCED<|im_end|>`."""
-    im_end = tok.convert_tokens_to_ids(templates.END_OF_TURN)
-    prompt = mucue_prompt("Genre?", GENRES)
-    generated = [int(templates.encode_prompt(prompt, 1, tok).pieces[-1][-1])]
-    generated += tok(FORCED, add_special_tokens=False)["input_ids"] + [im_end]
-    scored = templates.encode_scoring(prompt, FORCED, 1, tok)
-    ids, mask = scored.pieces[-1], scored.loss_masks[-1]
-    scored = [int(x) for x in ids[int(np.flatnonzero(mask)[0]) - 1:]]  # the token before the answer, the answer
-    chain = {}
-    for seq in (generated, scored):
-        for a, b in zip(seq, seq[1:]):
-            assert chain.setdefault(a, b) == b, "the two chains disagree; pick another forced answer"
-    return chain
-
-
-def _save_forced_released(folder: Path, tok):
-    torch.manual_seed(0)
-    wcfg = WhisperConfig(num_mel_bins=128, d_model=16, encoder_layers=3, encoder_attention_heads=2,
-                         encoder_ffn_dim=32, decoder_layers=1, decoder_attention_heads=2, decoder_ffn_dim=32,
-                         max_source_positions=150, vocab_size=64, pad_token_id=0, bos_token_id=1,
-                         eos_token_id=2, decoder_start_token_id=1)
-    encoder = WhisperForConditionalGeneration(wcfg).get_encoder()
-    qcfg = Qwen3Config(vocab_size=len(tok), hidden_size=HIDDEN, intermediate_size=64, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, head_dim=8, tie_word_embeddings=False,
-                       rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
-                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    llm = Qwen3ForCausalLM(qcfg)
-    # blp_4i_2x: four fused encoder states (0..3), hidden width twice the fused width
-    connector = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.GELU(), torch.nn.Linear(128, HIDDEN))
-    chain = _bigram_chain(tok)
-    assert len(chain) < HIDDEN
-    emb = torch.zeros(len(tok), HIDDEN)
-    emb[:, -1] = 1.0                        # every token outside the chain: a state with no preference
-    head = torch.zeros(len(tok), HIDDEN)
-    for state, (token, nxt) in enumerate(chain.items()):
-        emb[token] = 0.0
-        emb[token, state] = 1.0
-        head[nxt, state] = 30.0 / HIDDEN ** 0.5  # RMSNorm scales a one-hot to sqrt(HIDDEN): logit 30
-    with torch.no_grad():
-        llm.model.embed_tokens.weight.copy_(emb)
-        llm.lm_head.weight.copy_(head)
-        llm.model.norm.weight.fill_(1.0)
-        for layer in llm.model.layers:  # no layer changes the residual stream
-            layer.self_attn.o_proj.weight.zero_()
-            layer.mlp.down_proj.weight.zero_()
-
-    folder.mkdir()
-    tensors = {f"vision_tower._vision_tower.{k}": v for k, v in encoder.state_dict().items()}
-    tensors.update({f"language_model.{k}": v for k, v in llm.state_dict().items()})
-    for i, name in ((0, "linear1"), (2, "linear2")):
-        tensors[f"connector._connector.{name}.weight"] = connector[i].weight
-        tensors[f"connector._connector.{name}.bias"] = connector[i].bias
-    save_file({k: v.detach().contiguous().clone() for k, v in tensors.items()}, folder / "model.safetensors")
-    config = {"model_type": "tinyllava", "connector_type": "blp_4i_2x", "hidden_size": HIDDEN,
-              "vision_hidden_size": wcfg.d_model, "text_config": qcfg.to_dict(), "vision_config": wcfg.to_dict()}
-    (folder / "config.json").write_text(json.dumps(config))
-    tok.save_pretrained(str(folder))
-
-
 @pytest.fixture(scope="module")
 def forced(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval")
-    _write_audio(root)
+    write_audio(root)
     items = _items()
     texts = [templates.SYSTEM, "USER: ASSISTANT: " + FORCED + " " + " ".join(GENRES + ["metal"])]
     texts += [mucue_prompt(it["question"], it["choices"]) for it, _ in items]
     tok = train_tokenizer(texts, vocab_size=300)
-    _save_forced_released(root / "released", tok)
-    (root / "mufun.yaml").write_text("fusion_layers: [0, 1, 2, 3]\npool_kernel: 5\npool_stride: 5\n")
-    ckpt = root / "ckpt"
-    proc = subprocess.run([sys.executable, str(REPO / "convert" / "hf_to_jax.py"), "--mufun", str(root / "released"),
-                           "--mufun-config", str(root / "mufun.yaml"), "--out", str(ckpt)],
-                          capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
+    ckpt = forced_mufun_checkpoint(root, tok)
     bench = root / "bench.jsonl"
     bench.write_text("".join(json.dumps(it) + "\n" for it, _ in items))
     return root, ckpt, bench, inference.load(ckpt)

@@ -4,8 +4,11 @@ Runs every record through the training pipeline's own per-sample code (parse, te
 tokenize, decode, crop, resample, truncation check, budget fit; no log-mel) on all cores and
 prints, per manifest: usable and skipped samples by reason, hours of audio, histograms of
 chunk counts and token lengths, and the share of each batch row that would be padding
-without and with packing. Exit status: 0 if no record is bad data, 1 otherwise (samples
-that only exceed the budget do not count as bad).
+without and with packing.
+
+Exit status: 0 if no record is bad data; 1 if any is (samples that only exceed the budget
+do not count as bad), after checking everything, or with `--strict` at the first bad record,
+whose file and line it names; 2 for a usage error (e.g. a manifest that does not exist).
 """
 
 from __future__ import annotations
@@ -53,6 +56,9 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
                         help="local Hugging Face tokenizer folder; without it token lengths count audio only")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes (default: all cores)")
     parser.add_argument("--report", default=None, help="also write the statistics to this JSON file")
+    parser.add_argument("--strict", action="store_true",
+                        help="stop at the first bad record (in file order), name its file and line, exit 1; "
+                             "without it every record is checked and the exit status is 1 if any was bad")
     return parser
 
 
@@ -92,6 +98,10 @@ def padding_share(lengths, chunks, cfg: DataConfig, batch_size: int):
             1.0 - sum(chunks) / (slots * cfg.chunks_per_row))
 
 
+class FirstBadRecord(Exception):
+    """`--strict`: the first bad record of a manifest (the message names its file and line)."""
+
+
 def check_manifest(path: str, args, tokenizer) -> dict:
     from tqdm import tqdm
 
@@ -108,6 +118,8 @@ def check_manifest(path: str, args, tokenizer) -> dict:
     try:
         for element in tqdm(stream, total=len(elements), desc=os.path.basename(path), unit="rec"):
             if is_skip(element):
+                if args.strict and element["skip"] in BAD_DATA:
+                    raise FirstBadRecord(f"{element['where']}: {element['skip']}: {element['message']}")
                 skipped[element["skip"]] += 1
                 first_bad.setdefault(element["skip"], f"{element['where']}: {element['message']}")
             else:
@@ -151,7 +163,11 @@ def format_stats(s: dict) -> str:
 
 def run(args: argparse.Namespace) -> int:
     tokenizer = _load_tokenizer(args.tokenizer)
-    stats = [check_manifest(path, args, tokenizer) for path in args.manifests]
+    try:
+        stats = [check_manifest(path, args, tokenizer) for path in args.manifests]
+    except FirstBadRecord as e:
+        print(f"bad record (--strict): {e}", file=sys.stderr)
+        return 1
     for s in stats:
         print(format_stats(s))
     bad = sum(s["bad_data"] for s in stats)

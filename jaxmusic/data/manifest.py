@@ -6,7 +6,11 @@ A record is one JSON object in the format MuFun's released training code reads::
      "time": [start, end] | [[s, e] | null, ...]   (optional; one pair for every file, or one per file),
      "conversations": [{"from": "human", "value": "<audio>\\n..."}, {"from": "gpt", "value": "..."}, ...]}
 
-A record without `"audio"` is a text-only sample (LLaVA-style data has those); audio paths are
+`"image"`, the LLaVA key MuFun's loader (TinyLLaVA-Factory) still accepts, is read as an alias
+of `"audio"` (a record holding both with different values is bad). An audio path may name a
+`.npy` file, a waveform already decoded at 16 kHz (`jaxmusic.audio.load_audio`). `"time"` is one
+`[start, end]` pair for every file, or a list with one pair (or null: the whole file) per file.
+A record without either key is a text-only sample (LLaVA-style data has those); audio paths are
 relative to the audio root (an absolute path is used as is).
 
 Opening a manifest indexes it once: the byte span and line number of every record. Records
@@ -199,11 +203,15 @@ def parse_record(raw: RawRecord) -> Record:
         raise BadSample("malformed_json", f"expected a JSON object, got {type(obj).__name__}")
     audio = obj.get("audio")
     if audio is None:
+        audio = obj.get("image")
+    elif obj.get("image") not in (None, audio):
+        raise BadSample("bad_record", f"'audio' {audio!r} and its alias 'image' {obj['image']!r} disagree")
+    if audio is None:
         audio = []
     elif isinstance(audio, str):
         audio = [audio]
     if not isinstance(audio, list) or not all(isinstance(a, str) and a for a in audio):
-        raise BadSample("bad_record", f"'audio' must be a path or a list of paths, got {obj.get('audio')!r}")
+        raise BadSample("bad_record", f"'audio' must be a path or a list of paths, got {audio!r}")
     conversations = obj.get("conversations")
     if not isinstance(conversations, list):
         raise BadSample("bad_record", "'conversations' is missing or not a list")

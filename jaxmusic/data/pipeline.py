@@ -2,9 +2,11 @@
 
     manifests (JSON list / JSONL)  -> grain.MapDataset.source per manifest
       -> union + seeded shuffle, or weighted mixture        (see `record_dataset`)
-      -> repeat(num_epochs) -> this process's shard  ds[process_index::process_count]
+      -> repeat(num_epochs)
       -> map(ExampleBuilder): decode, crop, resample, chunk, features, template, tokenize,
          labels, fit to the budget -- a skip element instead of any bad sample
+      -> this process's shard  ds[process_index::process_count]
+         (after a resume on another process count: see Resume)
       -> to_iter_dataset -> mp_prefetch(workers)             [worker processes]
       -> MuFunBatches: count/log skips, pack rows, assemble  [this process]
       -> optional thread prefetch of whole batches
@@ -20,11 +22,24 @@ there). grain's mp_prefetch deals indices i::n to its n workers and interleaves 
 order, so this process sees the same stream whatever the worker count, and everything
 stateful (skip counts, packing, batching) happens here, in stream order.
 
-Resume: the iterator state is a small JSON-able dict -- the next stream index, the indices of
-examples deferred by packing, and the counters -- not grain's per-worker state. Restoring
-rebuilds the stream from that index (`ds[next_index:]`) and recomputes the deferred examples
-by random access, so a restored iterator yields exactly the batches the uninterrupted one
-would have, even with a different number of workers.
+Resume: the iterator state is a small JSON-able dict, not grain's per-worker state. Every
+index in it is a position in the whole (unsharded) stream: a shard reads the stream positions
+`start + offset + k * stride` (`offset`/`stride`: its shard index and count, `start` 0 in a
+fresh run), preceded by an explicit list `extra`; the state holds `next_index` (the next k),
+the `extra` positions not read yet, the positions of examples deferred by packing
+(`pending`), and the counters. Restoring on the same shards rebuilds the stream from there and
+recomputes the deferred examples by random access, so a restored iterator yields exactly the
+batches the uninterrupted one would have, even with a different number of workers.
+
+Another process count (`reshard_state`): the saved shards' states are re-dealt. Let `cut` be
+the furthest next position of any saved shard; every position from `cut` on is unread by all
+of them. The positions below `cut` that some shard has not read yet (its own slots between
+its next position and `cut`, and its unread `extra`) and the deferred examples of all shards
+are pooled, sorted and dealt round-robin to the new shards (`pool[q::m]` to shard q of m),
+which then read the stream from `cut` on as `cut + q + k * m`. Every record is thus read
+exactly once per epoch across the resume, though not in the order an uninterrupted run on
+either count would have used. The counters (examples, skips, hours) go to the new shard 0, so
+the sums over shards stay right.
 
 Bad data: skip elements are logged (one line each), counted by reason and written to
 `report_path`; with `strict: true` the first bad-data skip raises `DataError` naming the
@@ -89,10 +104,9 @@ def _seed_for(seed: int, index: int) -> int:
     return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
 
 
-def record_dataset(cfg: DataConfig, process_index: int = 0, process_count: int = 1, *,
-                   num_epochs: int | None = 1) -> grain.MapDataset:
-    """This process's shard of the (shuffled, repeated or mixed) stream of raw records;
-    `num_epochs` passes over the data (None: forever)."""
+def record_dataset(cfg: DataConfig, *, num_epochs: int | None = 1) -> grain.MapDataset:
+    """The whole (shuffled, repeated or mixed) stream of raw records, which every process
+    shards as it reads (`BatchIterator`); `num_epochs` passes over the data (None: forever)."""
     if num_epochs is not None and num_epochs < 1:
         raise ValueError(f"num_epochs must be >= 1 or None, got {num_epochs}")
     sources = [ManifestSource(p) for p in cfg.manifests]
@@ -116,9 +130,7 @@ def record_dataset(cfg: DataConfig, process_index: int = 0, process_count: int =
         ds = grain.MapDataset.mix(parts, list(cfg.weights))
         if num_epochs is not None:
             ds = ds[: num_epochs * sum(len(s) for s in sources)]
-    if not 0 <= process_index < process_count:
-        raise ValueError(f"process_index {process_index} out of range for {process_count} processes")
-    return ds[process_index::process_count]
+    return ds
 
 
 def _worker_init(worker_index: int, worker_count: int) -> None:
@@ -151,11 +163,14 @@ class MuFunBatches(grain.IterDataset):
     """Fixed-shape batches (see `jaxmusic.data.packing`) of stream elements (`ExampleBuilder`'s)."""
 
     def __init__(self, cfg: DataConfig, elements: grain.MapDataset, *, batch_size: int, tokens_per_chunk: int,
-                 n_mels: int, pad_id: int, report_path: str | None):
+                 n_mels: int, pad_id: int, report_path: str | None, shard: int = 0, shards: int = 1):
+        """`elements`: the whole stream; this iterator reads shard `shard` of `shards` of it."""
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self.cfg, self.elements = cfg, elements
+        if not 0 <= shard < shards:
+            raise ValueError(f"shard {shard} out of range for {shards} shards")
+        self.cfg, self.elements, self.shard, self.shards = cfg, elements, shard, shards
         self.batch_size, self.tokens_per_chunk, self.n_mels, self.pad_id = batch_size, tokens_per_chunk, n_mels, pad_id
         self.report_path = report_path
 
@@ -177,17 +192,23 @@ class BatchIterator(grain.DatasetIterator):
         super().__init__()
         self._owner = owner
         self._stream = None
+        self._start, self._stride, self._offset = 0, owner.shards, owner.shard
         self._next_index = 0
+        self._extra: list[int] = []
         self._pending: list[dict] = []
         self._counters = {"batches": 0, "examples": 0, "truncated": 0, "audio_seconds": 0.0}
         self._skipped: collections.Counter = collections.Counter()
         self._last_report = 0.0
         self._ended = False
 
+    def _open_stream(self) -> None:
+        if self._stream is None:
+            shard = self._owner.elements[self._start + self._offset::self._stride]
+            self._stream = element_stream(shard, self._owner.cfg, self._next_index)
+
     def start_prefetch(self) -> None:
         """Start the workers now (e.g. before restoring the model), not at the first batch."""
-        if self._stream is None:
-            self._stream = element_stream(self._owner.elements, self._owner.cfg, self._next_index)
+        self._open_stream()
         getattr(self._stream, "start_prefetch", lambda: None)()
 
     # -- reading --------------------------------------------------------------------------
@@ -195,13 +216,19 @@ class BatchIterator(grain.DatasetIterator):
     def _read(self) -> dict | None:
         """The next usable example of the stream, or None at its end."""
         while True:
-            if self._stream is None:
-                self._stream = element_stream(self._owner.elements, self._owner.cfg, self._next_index)
-            try:
-                element = next(self._stream)
-            except StopIteration:
-                return None
-            index, self._next_index = self._next_index, self._next_index + 1
+            if self._extra:  # positions dealt to this shard by a resume on another process count
+                index = self._extra.pop(0)
+                if index >= len(self._owner.elements):  # past the end of a finite stream
+                    continue
+                element = self._owner.elements[index]
+            else:
+                self._open_stream()
+                try:
+                    element = next(self._stream)
+                except StopIteration:
+                    return None
+                index = self._start + self._offset + self._next_index * self._stride
+                self._next_index += 1
             if is_skip(element):
                 self._skip(element)
                 continue
@@ -236,15 +263,22 @@ class BatchIterator(grain.DatasetIterator):
     # -- state ----------------------------------------------------------------------------
 
     def get_state(self) -> dict[str, Any]:
-        return {"next_index": self._next_index,
+        return {"start": self._start, "stride": self._stride, "offset": self._offset,
+                "next_index": self._next_index, "extra": list(self._extra),
                 "pending": [int(ex["index"]) for ex in self._pending],
                 "skipped": dict(sorted(self._skipped.items())),
                 **self._counters}
 
     def set_state(self, state: dict[str, Any]) -> None:
+        state = _with_shard(state, self._owner.shard, self._owner.shards)
+        if (state["offset"], state["stride"]) != (self._owner.shard, self._owner.shards):
+            raise ValueError(f"the state of data shard {state['offset']} of {state['stride']} cannot be set on shard "
+                             f"{self._owner.shard} of {self._owner.shards}; re-deal the saved states with "
+                             "reshard_state")
         self._close_stream()
         self._ended = False
-        self._next_index = int(state["next_index"])
+        self._start, self._next_index = int(state["start"]), int(state["next_index"])
+        self._extra = [int(i) for i in state["extra"]]
         self._pending = []
         for index in state["pending"]:
             example = self._owner.elements[int(index)]
@@ -279,6 +313,49 @@ class BatchIterator(grain.DatasetIterator):
         super().close()
 
 
+def _with_shard(state: dict[str, Any], offset: int, stride: int) -> dict[str, Any]:
+    """A state saved before states named their shard (indices within shard `offset` of `stride`)
+    in today's form."""
+    if "stride" in state:
+        return state
+    return {**state, "start": 0, "stride": stride, "offset": offset, "extra": [],
+            "pending": [offset + int(i) * stride for i in state["pending"]]}
+
+
+def reshard_state(states: list[dict[str, Any]], shard: int, shards: int) -> dict[str, Any]:
+    """The state of data shard `shard` of `shards` that continues a run saved as `states`, one
+    per process in process order (processes that read the same shard saved the same state).
+
+    On the saved shard count it is that shard's own state (an exact resume); on another, the
+    saved positions are re-dealt as the module docstring's "Resume" says.
+    """
+    saved: dict[int, dict[str, Any]] = {}
+    for i, state in enumerate(states):
+        state = _with_shard(state, i, len(states))
+        saved.setdefault(int(state["offset"]), state)
+    layouts = {(int(s["start"]), int(s["stride"])) for s in saved.values()}
+    if len(layouts) != 1 or sorted(saved) != list(range(next(iter(layouts))[1])):
+        raise ValueError(f"the saved data states do not describe one complete set of shards: "
+                         f"{sorted((s['offset'], s['stride'], s['start']) for s in saved.values())}")
+    (start, stride), = layouts
+    if stride == shards:
+        return saved[shard]
+    heads = {p: start + p + int(s["next_index"]) * stride for p, s in saved.items()}
+    cut = max(heads.values())
+    unread = sorted([int(i) for s in saved.values() for i in s["extra"]]
+                    + [i for p, head in heads.items() for i in range(head, cut, stride)])
+    pending = sorted(int(i) for s in saved.values() for i in s["pending"])
+    totals: dict[str, Any] = {k: sum(s[k] for s in saved.values()) if shard == 0 else 0
+                              for k in ("batches", "examples", "truncated", "audio_seconds")}
+    skipped = collections.Counter()
+    if shard == 0:
+        for s in saved.values():
+            skipped.update(s["skipped"])
+    return {"start": cut, "stride": shards, "offset": shard, "next_index": 0,
+            "extra": unread[shard::shards], "pending": pending[shard::shards],
+            "skipped": dict(sorted(skipped.items())), **totals}
+
+
 def report_from_state(state: dict[str, Any]) -> dict[str, Any]:
     """What a run has read so far, from an iterator state (also of a thread-prefetched one)."""
     skipped = dict(state["skipped"])
@@ -286,7 +363,7 @@ def report_from_state(state: dict[str, Any]) -> dict[str, Any]:
             "truncated_text": state["truncated"],
             "audio_hours": round(state["audio_seconds"] / 3600.0, 4),
             "skipped_total": sum(skipped.values()), "skipped": skipped,
-            "records_read": state["next_index"]}
+            "records_read": state["examples"] + sum(skipped.values())}
 
 
 def write_report(path: str, report: dict[str, Any]) -> None:
@@ -324,13 +401,14 @@ def make_dataset(cfg: DataConfig, tokenizer, *, batch_size: int, tokens_per_chun
         process_index = jax.process_index() if process_index is None else process_index
         process_count = jax.process_count() if process_count is None else process_count
     builder = ExampleBuilder(cfg, tokenizer, tokens_per_chunk=tokens_per_chunk, n_mels=n_mels)
-    elements = record_dataset(cfg, process_index, process_count, num_epochs=num_epochs).map(builder)
+    elements = record_dataset(cfg, num_epochs=num_epochs).map(builder)  # the whole stream; sharded when read
     if report_path and process_count > 1:
         root, ext = os.path.splitext(report_path)
         report_path = f"{root}.process{process_index}{ext or '.json'}"
     pad_id = getattr(tokenizer, "pad_token_id", None)
     ds = MuFunBatches(cfg, elements, batch_size=batch_size, tokens_per_chunk=tokens_per_chunk, n_mels=n_mels,
-                      pad_id=0 if pad_id is None else int(pad_id), report_path=report_path)
+                      pad_id=0 if pad_id is None else int(pad_id), report_path=report_path,
+                      shard=process_index, shards=process_count)
     if cfg.prefetch_batches:
         ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=cfg.prefetch_batches)
     return ds

@@ -5,7 +5,9 @@ of `jaxmusic.data.packing`, fixed shapes) with `get_state() -> JSON-able` and
 `set_state(state)`: `jaxmusic.data.make_dataset` for manifests, `SyntheticSource` for
 tests and benchmarks. Each process supplies the rows its devices hold
 (`sharding.process_rows`); `next_batch` stacks a step's microbatches and assembles the
-global arrays.
+global arrays. A checkpoint holds every process's state; `restore_data_state` resumes them on
+the same or another number of processes (`jaxmusic.data.reshard_state` re-deals a manifest
+stream so that no record is trained twice or left out within its epoch).
 """
 
 from __future__ import annotations
@@ -48,7 +50,35 @@ def make_source(stage: StageConfig, spec: ModelSpec, mesh, micro_rows: int, stag
         mel_shape=(spec.whisper.num_mel_bins, 2 * spec.whisper.max_source_positions),
         num_epochs=_epochs_bound(stage), report_path=str(stage_dir / "data_report.json"),
         process_index=shard, process_count=shards)
-    return iter(dataset)
+    return ManifestBatches(iter(dataset), shard, shards)
+
+
+class ManifestBatches:
+    """The manifest pipeline's batch iterator, with the data shard it reads (so that states
+    saved on another process count can be re-dealt to it)."""
+
+    def __init__(self, iterator, shard: int, shards: int):
+        self.iterator, self.shard, self.shards = iterator, shard, shards
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        return next(self.iterator)
+
+    def get_state(self) -> dict:
+        return self.iterator.get_state()
+
+    def set_state(self, state: dict) -> None:
+        self.iterator.set_state(state)
+
+    def reshard_state(self, states: list[dict]) -> dict:
+        from jaxmusic import data as data_lib
+
+        return data_lib.reshard_state(states, self.shard, self.shards)
+
+    def close(self) -> None:
+        self.iterator.close()
 
 
 def _epochs_bound(stage: StageConfig) -> int:
@@ -87,11 +117,14 @@ def next_batch(source, accumulation: int, mesh, micro_rows: int, step: int, pack
 
 
 def restore_data_state(source, saved: dict) -> None:
+    """Set `source` to continue a checkpoint's data states (`saved`: `{"process_count",
+    "states"}`, one state per process); a source with `reshard_state` resumes on any process
+    count, the others only on the count that saved them."""
     count, states = saved["process_count"], saved["states"]
-    if count == jax.process_count():
-        source.set_state(states[jax.process_index()])
-    elif hasattr(source, "reshard_state"):
+    if hasattr(source, "reshard_state"):
         source.set_state(source.reshard_state(states))
+    elif count == jax.process_count():
+        source.set_state(states[jax.process_index()])
     else:
         raise UserError(f"the data iterator state was saved by {count} processes and cannot be "
                         f"resumed by {jax.process_count()}")
