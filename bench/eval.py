@@ -115,7 +115,8 @@ def main():
     p.add_argument("--workdir", default="/tmp/jm_bench_eval")
     args = p.parse_args()
 
-    from jaxmusic import evaluate, inference
+    from jaxmusic import inference
+    from jaxmusic.evaluation import evaluate
     from jaxmusic.evaluation import benchmarks, judge
 
     work = Path(args.workdir)

@@ -122,7 +122,7 @@ INTERMIXED = ("ask", "score")  # commands whose positional question may come aft
 DELEGATED = {
     "demo": ("jaxmusic.demo", "train a tiny MuFun on synthetic music and show it learned (~10 min, CPU)"),
     "train": ("jaxmusic.train", "train a stage or schedule (`train CONFIG --workdir DIR`); resumes from DIR"),
-    "eval": ("jaxmusic.evaluate", "multiple-choice evaluation: MuCUE as published (Hub snapshot) or JSONL"),
+    "eval": ("jaxmusic.evaluation.evaluate", "multiple-choice evaluation: MuCUE as published (Hub snapshot) or JSONL"),
     "data": ("jaxmusic.data.check", "`data check MANIFEST ... --audio-root DIR`: validate a dataset"),
     "plan": ("jaxmusic.plan", "compile a stage or schedule for A100/H100 clusters without a GPU: will it fit?"),
 }

@@ -59,7 +59,7 @@ class Loaded:
 
     def __post_init__(self):
         # Read once, here: while an `nnx.jit` call runs it rewrites the module's attributes, so
-        # threads that prepare the next batch (jaxmusic.evaluate) must not read them from the model.
+        # threads that prepare the next batch (jaxmusic.evaluation.evaluate) must not read them from the model.
         self.frames = 2 * self.model.whisper.cfg.max_source_positions
         self.n_mels = self.model.whisper.cfg.num_mel_bins
 

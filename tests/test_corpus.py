@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from jaxmusic import audio, evaluate, templates
+from jaxmusic import audio, templates
+from jaxmusic.evaluation import evaluate
 from jaxmusic.demo import corpus
 
 SMALL = dict(n_train=8, n_eval=4, max_seconds=40.0, long_fraction=0.3, seed=3)

@@ -25,7 +25,8 @@ import pytest
 import soundfile as sf
 from forced_model import FORCED, forced_mufun_checkpoint, save_forced_qwen3
 
-from jaxmusic import checkpoints, evaluate, inference, templates
+from jaxmusic import checkpoints, inference, templates
+from jaxmusic.evaluation import evaluate
 from jaxmusic.demo.tokenizer import train_tokenizer
 from jaxmusic.evaluation import benchmarks, judge as judge_lib, report
 

@@ -14,9 +14,10 @@ import numpy as np
 import pytest
 from forced_model import FORCED, GENRES, forced_mufun_checkpoint, write_audio
 
-from jaxmusic import evaluate, inference, templates
+from jaxmusic import inference, templates
+from jaxmusic.evaluation import evaluate
 from jaxmusic.errors import UserError
-from jaxmusic.evaluate import extract_choice
+from jaxmusic.evaluation.evaluate import extract_choice
 from jaxmusic.templates import mucue_prompt
 from jaxmusic.demo.tokenizer import train_tokenizer
 

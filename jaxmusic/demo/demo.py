@@ -212,7 +212,8 @@ def write_report(workdir: Path, settings: dict, timings: dict[str, float], curve
 def run(workdir: str | Path, *, minutes: float | None = None, config: str | Path = DEFAULT_CONFIG,
         overrides: list[str] = (), progress: bool = True) -> int:
     """Run (or resume) the demo in `workdir`; returns an exit code (the trainer's, if it fails)."""
-    from jaxmusic import evaluate, inference
+    from jaxmusic import inference
+    from jaxmusic.evaluation import evaluate
     from jaxmusic.demo import corpus
     from jaxmusic.train import config as config_lib
     from jaxmusic.train import trainer

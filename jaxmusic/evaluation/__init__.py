@@ -1,4 +1,6 @@
-"""The parts of `jaxmusic eval` (`jaxmusic.evaluate`) that need no model of their own.
+"""Evaluation: `jaxmusic eval` and its parts.
+
+* `evaluate`: the command, the model calls (generate, loglik) and the rule-based letter extractor;
 
 * `benchmarks`: benchmark files -> `Item`s: jaxmusic's JSONL, and MuCUE as published on the
   Hugging Face Hub (a snapshot folder of parquet files, audio embedded), read as it is;
