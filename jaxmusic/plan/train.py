@@ -25,7 +25,7 @@ import jax.numpy as jnp
 
 from jaxmusic import sharding
 from jaxmusic.audio import CHUNK_SECONDS
-from jaxmusic.data.packing import BatchShape
+from jaxmusic.data.packing import audio_key, chunk_shape
 from jaxmusic.errors import UserError
 from jaxmusic.plan import hlo
 from jaxmusic.plan.gpus import Gpu, cluster_devices
@@ -70,8 +70,7 @@ def abstract_batch(stage: StageConfig, spec, micro_rows: int) -> dict:
     if d.source == "synthetic":
         key, per_chunk = "mel", (spec.whisper.num_mel_bins, 2 * spec.whisper.max_source_positions)
     else:
-        shape = BatchShape(micro_rows, d.seq_len, d.chunks_per_row, d.features)
-        key, per_chunk = shape.audio_key, shape.audio_shape()[2:]
+        key, per_chunk = audio_key(d.features), chunk_shape(d.features, spec.whisper.num_mel_bins)
     slots = micro_rows * d.chunks_per_row
     batch[key] = jax.ShapeDtypeStruct((a, slots, *per_chunk), jnp.float32)
     batch["chunk_mask"] = jax.ShapeDtypeStruct((a, slots), jnp.bool_)
