@@ -21,13 +21,15 @@ weight bytes. Copy bandwidth is measured with a large NumPy copy (bytes read + w
 per second), between runs, and the best is kept: a bound for a quiet machine, so under
 load the fraction reached is an underestimate. Torch runs with as many threads as XLA:CPU
 uses (one per core) unless `--torch-threads` says otherwise. Both must produce the same
-greedy tokens; the script says whether they do.
+greedy tokens; the script says whether they do. It prints the CPU model first: the bound,
+and the ratio between the two implementations, depend on it.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import platform
 import statistics
 import time
 
@@ -36,6 +38,15 @@ import numpy as np
 QWEN3_06B = dict(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
                  num_attention_heads=16, num_key_value_heads=8, head_dim=128, rms_norm_eps=1e-6,
                  tie_word_embeddings=True, max_position_embeddings=40960)
+
+
+def cpu_model() -> str:
+    """The CPU's model name as `lscpu` shows it (Linux), else what `platform` knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
 
 
 def copy_bandwidth(nbytes: int = 1 << 30, repeats: int = 7) -> float:
@@ -104,6 +115,7 @@ def main():
 
     xla_threads = len(os.sched_getaffinity(0))  # XLA:CPU's intra-op pool: one thread per core
     torch.set_num_threads(args.torch_threads or xla_threads)
+    print(f"CPU: {cpu_model()}, {os.cpu_count()} cores")
     print(f"jax {jax.__version__} ({jax.default_backend()}, {xla_threads} threads), torch {torch.__version__} "
           f"({torch.get_num_threads()} threads), transformers {transformers.__version__}")
 

@@ -18,9 +18,11 @@ slice out of the stack before every matmul, which multiplies the memory traffic 
 step, a step bound by reading the weights. So on CPU, `layer_views` turns the stacks into
 per-layer arrays that alias the same memory (no copy), both jitted functions run the
 model's own layers as an unrolled loop over them with a per-layer KV cache that each
-donated decode step updates in place, and the logits are a matrix-vector product over the
-output table. The price is compilation: XLA compiles every layer instead of one scanned
-body. On other backends such views would be copies, so the scan stays there.
+donated decode step updates in place, the logits are a matrix-vector product over the
+output table, greedy picks are `first_argmax`, and both functions compile with 512-bit
+vectors (`_CPU_COMPILER_OPTIONS`). The price is compilation: XLA compiles every layer
+instead of one scanned body. On other backends such views would be copies, so the scan
+stays there.
 (`bench/RESULTS.md`, "Generation", has the measurements.)
 
 Cache layout: row b's prompt fills slots `[0, len_b)`, slots `[len_b, T_pad)` are
@@ -30,7 +32,6 @@ position `len_b + i`, so rows of different lengths decode in lockstep.
 
 from __future__ import annotations
 
-import functools
 from typing import Callable
 
 import jax
@@ -104,13 +105,28 @@ def hidden_states(model, layer_params, embeds, positions, **kw):
     return model.norm(x), {"k": ks, "v": vs, "valid": slot_valid}
 
 
-def _logits(model, h, unrolled: bool):
-    """Logits of `h [B, D]`; unrolled (CPU): `table @ h.T`, XLA:CPU's matrix-vector kernel,
-    where `h @ table.T` became a loop fusion that streams the table slower."""
+def first_argmax(logits):
+    """`jnp.argmax(logits, axis=-1)`, ties and NaN alike, as two vectorised reductions: the
+    maximum, then the first index that holds it (or a NaN, which argmax ranks first).
+
+    XLA:CPU runs `argmax` (a reduction over value-index pairs) as a scalar loop.
+    """
+    vocab = logits.shape[-1]
+    hit = (logits == logits.max(axis=-1, keepdims=True)) | jnp.isnan(logits)
+    return jnp.where(hit, jnp.arange(vocab, dtype=jnp.int32), vocab).min(axis=-1)
+
+
+def _next_tokens(model, h, unrolled: bool, temperature, top_p, key, *, greedy: bool):
+    """The next token of each row from its final hidden state `h [B, D]` (`pick_tokens` rules).
+
+    Unrolled (CPU): the logits are `table @ h.T`, XLA:CPU's matrix-vector kernel (`h @ table.T`
+    became a loop fusion that streams the table slower), and greedy is `first_argmax`.
+    """
     if not unrolled:
-        return model.logits(h)
+        return pick_tokens(model.logits(h), temperature, top_p, key, greedy=greedy)
     table = model.output_table().astype(model.opts.dtype)
-    return jnp.dot(table, h.astype(model.opts.dtype).T).T
+    logits = jnp.dot(table, h.astype(model.opts.dtype).T).T.astype(jnp.float32)
+    return first_argmax(logits) if greedy else pick_tokens(logits, temperature, top_p, key, greedy=False)
 
 
 def _merge(graphdef, treedef, leaves):
@@ -119,28 +135,41 @@ def _merge(graphdef, treedef, leaves):
     return nnx.merge(graphdef, state), layer_params
 
 
-@functools.partial(jax.jit, static_argnames=("treedef", "cache_len", "greedy"))
 def _prefill(graphdef, treedef, leaves, embeds, lengths, temperature, top_p, key, *, cache_len, greedy):
     model, layer_params = _merge(graphdef, treedef, leaves)
     b, t, _ = embeds.shape
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     cache = model.init_cache(b, cache_len)
     h, cache = hidden_states(model, layer_params, embeds, positions, valid=positions < lengths[:, None],
-                       cache=cache, cache_index=0)
+                             cache=cache, cache_index=0)
     last = jnp.take_along_axis(h, (lengths - 1)[:, None, None], axis=1)[:, 0]  # [B, D]
-    logits = _logits(model, last, layer_params is not None)
-    return pick_tokens(logits, temperature, top_p, jax.random.fold_in(key, 0), greedy=greedy), cache
+    return _next_tokens(model, last, layer_params is not None, temperature, top_p, jax.random.fold_in(key, 0),
+                        greedy=greedy), cache
 
 
-@functools.partial(jax.jit, static_argnames=("treedef", "greedy"), donate_argnames=("cache",))
 def _decode(graphdef, treedef, leaves, cache, tokens, lengths, prompt_slots, step, temperature, top_p, key, *,
             greedy):
     """Feed generated token `step` (0-based) of every row; pick token `step + 1`."""
     model, layer_params = _merge(graphdef, treedef, leaves)
     h, cache = hidden_states(model, layer_params, model.embed(tokens[:, None]), (lengths + step)[:, None],
-                       cache=cache, cache_index=prompt_slots + step)
-    logits = _logits(model, h[:, 0], layer_params is not None)
-    return pick_tokens(logits, temperature, top_p, jax.random.fold_in(key, step + 1), greedy=greedy), cache
+                             cache=cache, cache_index=prompt_slots + step)
+    return _next_tokens(model, h[:, 0], layer_params is not None, temperature, top_p,
+                        jax.random.fold_in(key, step + 1), greedy=greedy), cache
+
+
+# XLA:CPU options for the fast path's compiled steps: 512-bit vectors, so the matrix-vector
+# kernel loads a whole cache line of a weight row at a time (LLVM splits the vectors where
+# the CPU has no AVX-512).
+_CPU_COMPILER_OPTIONS = {"xla_cpu_prefer_vector_width": 512}
+
+
+def _jit_both(fn, **kw):
+    """`fn` jitted for the scanned path (False) and for the CPU fast path (True)."""
+    return {False: jax.jit(fn, **kw), True: jax.jit(fn, compiler_options=_CPU_COMPILER_OPTIONS, **kw)}
+
+
+_prefill_jit = _jit_both(_prefill, static_argnames=("treedef", "cache_len", "greedy"))
+_decode_jit = _jit_both(_decode, static_argnames=("treedef", "greedy"), donate_argnames=("cache",))
 
 
 def generate(model, inputs_embeds, prompt_lengths, *, max_new_tokens: int, temperature: float = 0.0,
@@ -184,15 +213,16 @@ def generate(model, inputs_embeds, prompt_lengths, *, max_new_tokens: int, tempe
     views = layer_views(state["layers"]) if unrolled else None
     leaves, treedef = jax.tree.flatten((state, views))
     lengths_dev = jnp.asarray(lengths)
-    tokens, cache = _prefill(graphdef, treedef, leaves, embeds, lengths_dev, **sampling,
-                             cache_len=round_up(t_pad + max_new_tokens, bucket), greedy=greedy)
+    fast = views is not None
+    tokens, cache = _prefill_jit[fast](graphdef, treedef, leaves, embeds, lengths_dev, **sampling,
+                                       cache_len=round_up(t_pad + max_new_tokens, bucket), greedy=greedy)
     outputs: list[list[int]] = [[] for _ in range(b)]
     done = np.zeros(b, bool)
     stop = np.asarray(list(stop_ids), dtype=np.int64)
     for step in range(max_new_tokens):
         if step + 1 < max_new_tokens:  # dispatch the next step before blocking on this one
-            upcoming = _decode(graphdef, treedef, leaves, cache, tokens, lengths_dev, np.int32(t_pad),
-                               np.int32(step), **sampling, greedy=greedy)
+            upcoming = _decode_jit[fast](graphdef, treedef, leaves, cache, tokens, lengths_dev, np.int32(t_pad),
+                                         np.int32(step), **sampling, greedy=greedy)
         ids = np.asarray(tokens)
         for row in np.flatnonzero(~done):
             outputs[row].append(int(ids[row]))

@@ -8,7 +8,7 @@ import torch
 import transformers
 from flax import nnx
 
-from jaxmusic.generate import generate, hidden_states, layer_views, pick_tokens
+from jaxmusic.generate import first_argmax, generate, hidden_states, layer_views, pick_tokens
 from jaxmusic.models.hf_mapping import hf_weights, load_hf_weights
 from jaxmusic.models.qwen3 import Qwen3Config, Qwen3ForCausalLM, hf_tensors
 from jaxmusic.nn import ModelOptions
@@ -211,6 +211,18 @@ def test_sampling():
     draws = [pick_tokens(logits, 1.0, 1.0, jax.random.key(s), greedy=False) for s in range(20)]
     assert len({tuple(np.asarray(d)) for d in draws}) > 1
     assert (pick_tokens(logits, 1.0, 1.0, key, greedy=False) == draws[0]).all()
+
+
+def test_first_argmax_is_argmax():
+    """The CPU greedy pick: the same index as `jnp.argmax`, with ties (first wins) and NaN."""
+    logits = np.random.default_rng(1).normal(size=(5, 300)).astype(np.float32)
+    logits[1, [7, 40]] = logits[1].max() + 1  # a tie
+    logits[2, 123] = np.nan  # argmax ranks NaN first
+    logits[3, [9, 250]] = np.nan
+    logits[4] = -np.inf
+    x = jnp.asarray(logits)
+    assert np.array_equal(jax.jit(first_argmax)(x), jnp.argmax(x, axis=-1))
+    assert np.asarray(first_argmax(x)).tolist() == [int(np.argmax(logits[0])), 7, 123, 9, 0]
 
 
 def test_generate_sampling_and_errors(untied):
