@@ -62,6 +62,10 @@ LOGICAL_RULES: dict[str, tuple[str, ...]] = {
 }
 
 
+# the logical axes of batches and activations; every other name in the table is a parameter's
+ACTIVATION_AXES = ("batch", "microbatch", "length")
+
+
 class ShardingError(UserError, ValueError):
     """A mesh or sharding request that cannot be satisfied."""
 
@@ -180,6 +184,36 @@ def batch_sharding(mesh: Mesh, ndim: int, *, microbatched: bool = True) -> Named
 def activation_sharding(mesh: Mesh) -> NamedSharding:
     """Activations between layers `[rows, ...]`: rows split like the batch, the rest whole."""
     return NamedSharding(mesh, logical_to_spec(("batch",), mesh))
+
+
+def replica_axes(mesh: Mesh) -> tuple[str, ...]:
+    """Mesh axes (of size > 1) that split batch rows while every device along them holds the same
+    parameters: ``data``, the axis that crosses nodes. The train step (`jaxmusic.train.step`)
+    keeps each replica's gradients apart through the microbatches and sums them once per step."""
+    params = {a for name, axes in LOGICAL_RULES.items() if name not in ACTIVATION_AXES for a in axes}
+    return tuple(a for a in LOGICAL_RULES["batch"] if a not in params and mesh.shape[a] > 1)
+
+
+def replica_count(mesh: Mesh) -> int:
+    return math.prod(mesh.shape[a] for a in replica_axes(mesh))
+
+
+def within_replica(sharding: NamedSharding) -> NamedSharding:
+    """`sharding` without the replica axes: what one replica's share of an array is split over."""
+    replicas = replica_axes(sharding.mesh)
+    spec = []
+    for entry in sharding.spec:
+        axes = tuple(a for a in ((entry,) if isinstance(entry, str) else entry or ()) if a not in replicas)
+        spec.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+    return NamedSharding(sharding.mesh, PartitionSpec(*spec))
+
+
+def per_replica(sharding: NamedSharding) -> NamedSharding:
+    """An array stacked over the replicas, `[replicas, ...]`, each laid out by `within_replica`: the
+    replicas' copies of a parameter or gradient, or a batch's rows reshaped `[replicas, rows, ...]`."""
+    replicas = replica_axes(sharding.mesh)
+    lead = None if not replicas else replicas[0] if len(replicas) == 1 else replicas
+    return NamedSharding(sharding.mesh, PartitionSpec(lead, *within_replica(sharding).spec))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

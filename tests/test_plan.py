@@ -54,8 +54,9 @@ def test_full_size_stages_fit_16_a100_40gb(full_plan):
     stages = {s["name"]: s for s in result["stages"]}
     assert list(stages) == ["p1", "p2", "p3", "p4", "f1"]
     for s in stages.values():
-        # reached 2026-12-04: p1 10.2, p2 13.8, p3 30.0, p4 35.2, f1 34.8 GiB of a 37.06 GiB pool
-        assert s["fits"] and s["peak"] <= s["pool"], (s["name"], s["peak"] / GIB)
+        # at least 10% of the pool free for what the compiler does not count (cuDNN workspaces);
+        # reached 2026-12-04: REACHED_PEAKS
+        assert s["fits"] and s["peak"] <= 0.9 * s["pool"], (s["name"], s["peak"] / GIB)
         assert s["params"] > 0 and s["temporaries"] > 0
         # remat full recomputes the forward pass: compiled FLOPs exceed the model's (reached 1.0-1.4x)
         assert 1.0 <= s["compiled_flops"] / s["model_flops"] < 1.6, s["name"]
@@ -97,19 +98,31 @@ def test_fsdp_gathers_weights_and_reduce_scatters_gradients(full_plan):
     for s in full_plan[1]["stages"]:
         inside = {t["kind"]: t for t in s["traffic"] if not t["crosses_nodes"]}
         assert inside["all-gather"]["sent_bytes"] > 0 and inside["reduce-scatter"]["sent_bytes"] > 0, s["name"]
-        # no activation all-reduce inside the FSDP groups (reached: a few MB of metric sums)
-        all_reduce = inside.get("all-reduce", {"sent_bytes": 0})["sent_bytes"]
-        assert all_reduce < 0.01 * (inside["all-gather"]["sent_bytes"] + inside["reduce-scatter"]["sent_bytes"])
+        if s["mesh"]["tensor"] == 1:  # tensor parallelism (P4, F1) all-reduces activations by design
+            # no activation all-reduce inside the FSDP groups (reached: a few MB of metric sums)
+            all_reduce = inside.get("all-reduce", {"sent_bytes": 0})["sent_bytes"]
+            assert all_reduce < 0.01 * (inside["all-gather"]["sent_bytes"] + inside["reduce-scatter"]["sent_bytes"])
 
 
 @needs_plugin
-@pytest.mark.xfail(strict=True, reason="two collectives cross nodes over all 16 GPUs: the on-device log-mel's "
-                   "FFT all-gathers the microbatch's waveforms, and the embedding gradient's scatter-add "
-                   "all-gathers its rows (bench/RESULTS.md, 'Plan')")
 def test_only_the_data_axis_crosses_nodes(full_plan):
     for s in full_plan[1]["stages"]:
+        # reached: one all-reduce of 12 bytes over all 16 GPUs (the step's token counts)
         big = [c for c in s["off_data_axis"] if c["sent_bytes"] / c["executions"] > 2 ** 20]
         assert not big, (s["name"], big)
+
+
+@needs_plugin
+def test_one_gradient_reduction_per_step_crosses_nodes(full_plan):
+    """The replicas on the two nodes exchange their summed gradients once per step, whatever the
+    number of microbatches (P3, P4: 24; F1: 9; P1, P2: 12)."""
+    for s in full_plan[1]["stages"]:
+        across = [t for t in s["traffic"] if t["crosses_nodes"]]
+        sent = sum(t["sent_bytes"] for t in across)
+        # an all-reduce over 2 GPUs sends each one's whole buffer: the trainable gradients once;
+        # reached 2026-12-04: P3 and P4 4.15 GiB per GPU per step (before: 47.2 GiB), 1.00 x
+        assert {t["kind"] for t in across} == {"all-reduce"}, (s["name"], across)
+        assert 0.99 * s["gradients"] <= sent <= 1.1 * s["gradients"], (s["name"], sent / s["gradients"])
 
 
 @needs_plugin
@@ -148,6 +161,20 @@ def test_ask_plans_prefill_and_decode():
     # 2 chunks of 6 audio tokens (tiny encoder: 30 frames pooled by 5) + 64 text tokens
     assert a["prompt_tokens"] == 2 * 6 + 64 and a["fits"]
     assert 0 < a["weights"] < a["decode_peak"] and a["embed_peak"] > 0 and a["prefill_peak"] > a["cache"] > 0
+
+
+def test_stages_plan_from_shapes_and_a_step_count():
+    """No checkpoint, manifest or previous stage is read: the full-size stages name their models
+    (jaxmusic/configs/models/), start random and run the given number of steps when in epochs."""
+    from jaxmusic.plan.train import planning_stages
+    from jaxmusic.train import config as C
+
+    stages = C.load(FULL).stages
+    assert [s.init.source for s in stages] == ["checkpoint"] + ["previous"] * 4
+    assert all(s.epochs == 1 and not s.steps for s in stages)
+    planned = planning_stages(stages, 123)
+    assert [(s.init.source, s.steps, s.epochs) for s in planned] == [("random", 123, None)] * 5
+    assert {(s.model.whisper["d_model"], s.model.llm["hidden_size"]) for s in planned} == {(1280, 4096)}
 
 
 def test_unknown_gpu_lists_the_known_ones():

@@ -48,7 +48,8 @@ def test_one_device_and_eight_device_mesh_agree(tmp_path):
     assert res["q_proj_spec"] == "P(None, 'tensor', 'fsdp')"
     assert res["q_proj_shard_shape"] == [2, 32, 16]
     shapes = [shape for shape, _ in res["collectives"]]
-    assert not any("[8,64," in x or "[16,30," in x for x in shapes), shapes
+    # (arrays may carry the train step's leading replica axis, of size 1 on this mesh)
+    assert not any(re.search(r"\[(1,)*(8,64|16,30),", x) for x in shapes), shapes
     assert "all-gather" in {op for _, op in res["collectives"]}
     # resuming the 8-device run's step-4 checkpoint on 1 device continues the same run
     resharded = np.array(res["resharded"]["loss"])

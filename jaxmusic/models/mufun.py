@@ -245,7 +245,13 @@ class MuFun(nnx.Module):
     def inputs_embeds(self, mel, input_ids, audio_index, is_audio, *, groups: int = 1):
         """The LLM input for a batch laid out by `splice_plan.build_splice_plan`."""
         text = self.llm.embed(input_ids)
-        return splice(text, self.audio_embeddings(mel), audio_index, is_audio, groups=groups)
+        audio = self.audio_embeddings(mel)
+        if self.llm.opts.carry_sharding is not None:
+            # split by rows like the residual stream the tokens join: left to XLA, the connector's
+            # output follows its FSDP weight (split along the width) and the splice's gather then
+            # reshuffles it between devices, in the train step also between nodes
+            audio = jax.lax.with_sharding_constraint(audio, self.llm.opts.carry_sharding)
+        return splice(text, audio, audio_index, is_audio, groups=groups)
 
     def __call__(self, mel, input_ids, audio_index, is_audio, positions, *, mask=None, groups: int = 1):
         """Logits `[B, L, vocab]` of a spliced batch (no cache; for training and scoring)."""

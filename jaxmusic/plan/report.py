@@ -31,6 +31,10 @@ def _traffic(plan: StagePlan, crosses: bool) -> str:
     return "; ".join(parts) or "none"
 
 
+def _network(plan: StagePlan) -> float:
+    return sum(t.sent_bytes for t in plan.traffic if t.crosses_nodes)
+
+
 def stage_text(plan: StagePlan, verbose: bool = False) -> str:
     attention = ", ".join(f"{a.removeprefix('__cudnn$')} {n:,}x" for a, n in sorted(plan.attention.items())) \
         or "XLA attention (no cuDNN)"
@@ -49,7 +53,9 @@ def stage_text(plan: StagePlan, verbose: bool = False) -> str:
         + f"; cuDNN attention {plan.attention_flops:.3g}) = {plan.compiled_flops / plan.model_flops:.2f} x model "
         f"FLOPs {plan.model_flops:.3g} (rematerialisation)",
         f"  collectives  inside nodes: {_traffic(plan, False)}",
-        f"               across nodes: {_traffic(plan, True)}",
+        f"               across nodes: {_traffic(plan, True)}"
+        + (f" ({_network(plan) / plan.gradients:.2f} x the trainable gradients, {_gib(plan.gradients)} GiB)"
+           if _network(plan) else ""),
         f"  roofline     {_secs(plan.step_s)}/step ({bound}-bound; compute {_secs(plan.compute_s)}, NVLink "
         f"{_secs(plan.nvlink_s)}, network {_secs(plan.network_s)}, overlapped); {plan.audio_s_per_step / 3600:.1f} h "
         f"of audio slots per step: at most {plan.audio_hours_per_day:,.0f} audio hours/day",

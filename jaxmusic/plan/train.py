@@ -29,6 +29,7 @@ from jaxmusic.data.packing import audio_key, chunk_shape
 from jaxmusic.errors import UserError
 from jaxmusic.plan import hlo
 from jaxmusic.plan.gpus import Gpu, cluster_devices
+from jaxmusic.train import optim
 from jaxmusic.train.config import ConfigError, InitSection, StageConfig
 from jaxmusic.train.state import resolve_model, with_shardings
 from jaxmusic.train.trainer import setup
@@ -100,6 +101,7 @@ class StagePlan:
     # per device, bytes
     params: int
     optimizer: int
+    gradients: int                # the trainable gradients: what one reduction over the replicas moves
     batch: int
     temporaries: int
     peak: int
@@ -201,6 +203,8 @@ def plan_stage(stage: StageConfig, gpu: Gpu, nodes: int, gpus_per_node: int, opt
         name=stage.name, mesh=dict(s.mesh.shape), attention=analysis.attention_calls, compile_s=seconds,
         params=per_device_bytes(s.abstract, s.param_shardings),
         optimizer=per_device_bytes(s.abstract_opt, s.opt_shardings),
+        gradients=per_device_bytes(optim.split(s.abstract, s.trainable)[0],
+                                   optim.split(s.param_shardings, s.trainable)[0]),
         batch=per_device_bytes(batch, batch_sh),
         temporaries=memory.temp_size_in_bytes,
         peak=(memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
