@@ -42,6 +42,7 @@ from jaxmusic.losses import LOSSES
 from jaxmusic.train import config as config_lib
 from jaxmusic.train import metrics as metrics_lib
 from jaxmusic.train import optim
+from jaxmusic.train.grpo import GRPO
 from jaxmusic.train.batches import make_source, next_batch, restore_data_state, total_steps
 from jaxmusic.train.config import ConfigError, StageConfig
 from jaxmusic.train.model_folder import write_model_folder
@@ -91,10 +92,14 @@ class Setup:
     def micro_rows(self) -> int:
         return self.stage.batch.microbatch or self.stage.batch.global_batch
 
+    def init_params(self):
+        """The stage's initial parameters, born sharded."""
+        return init_params(self.spec, self.stage, self.param_shardings, self.abstract,
+                           restore_stage=_restore_stage_params)
+
     def init_state(self):
         """Fresh `(params, opt_state)`, both born sharded."""
-        params = init_params(self.spec, self.stage, self.param_shardings, self.abstract,
-                             restore_stage=_restore_stage_params)
+        params = self.init_params()
         opt_state = jax.jit(self.tx.init, out_shardings=self.opt_shardings)(optim.split(params, self.trainable)[0])
         return params, opt_state
 
@@ -222,15 +227,20 @@ def _run_stage(stage, stage_dir, previous, preemption, devices, devices_per_node
             params = _standardize_encoder_output(s, source, params)
 
     writers = _Writers(stage_dir, stage) if _primary() else None
+    rl = None
     try:
+        # a GRPO stage makes its batches from rollouts of the parameters being trained
+        rl = GRPO(s, stage_dir, source, s.init_params, primary=_primary()) if stage.loss == "grpo" else None
         code = _loop(s, ckpts, source, params, opt_state, step, skipped, resolved, preemption, writers,
-                     on_step)
+                     on_step, rl)
     except Diverged as e:
         _say(f"error: {e}")
         code = EXIT_DIVERGED
     finally:
         if writers:
             writers.close()
+        if rl:
+            rl.close()
         ckpts.wait()
         ckpts.close()
         _close_quietly(source)
@@ -287,17 +297,17 @@ def audio_chunks(m: dict, spec: ModelSpec) -> float:
 
 
 def _loop(s: Setup, ckpts, source, params, opt_state, step, skipped, resolved, preemption, writers,
-          on_step) -> int:
+          on_step, rl: GRPO | None = None) -> int:
     stage, steps = s.stage, s.stage.steps
     bar = tqdm(total=steps, initial=step, desc=stage.name, unit="step", dynamic_ncols=True,
                disable=not (stage.log.progress and _primary()), file=sys.stderr)
     if step >= steps:
         bar.close()
         return EXIT_OK
-    load = lambda done: next_batch(source, stage.accumulation, s.mesh, s.micro_rows, done,  # noqa: E731
-                                   stage.data.packing)
-    batch = load(step)
-    compiled, seconds = s.compile_step(params, opt_state, batch)
+    load = rl.batch if rl else (lambda done, _: next_batch(source, stage.accumulation, s.mesh,  # noqa: E731
+                                                                s.micro_rows, done, stage.data.packing))
+    batch = load(step, params)
+    compiled, seconds = s.compile_step(params, opt_state, batch, rl.loss_fn if rl else None)
     _say(f"  compiled the train step in {seconds:.1f} s")
     flops = s.step_flops(batch)
     peak = metrics_lib.peak_flops(s.mesh.devices.flat[0].device_kind, stage.log.peak_tflops)
@@ -309,7 +319,8 @@ def _loop(s: Setup, ckpts, source, params, opt_state, step, skipped, resolved, p
         data_state = source.get_state()  # positioned after this step's batches
         # asked before loading more data: a preemption notice may have killed the data workers too
         preempted = preemption.reached(step)
-        batch = load(step) if step < steps and not preempted else None  # overlaps the device's work
+        saving, preempted = rl.boundary(step, preempted) if rl else (True, preempted)
+        batch = load(step, params) if step < steps and not preempted else None  # overlaps the device's work
         m = jax.device_get(metrics)
         now = time.perf_counter()
         elapsed, last = now - last, now
@@ -326,7 +337,7 @@ def _loop(s: Setup, ckpts, source, params, opt_state, step, skipped, resolved, p
                   "audio_s_per_s": audio_chunks(m, s.spec) * CHUNK_SECONDS / elapsed,
                   "loss_tokens": int(m["loss_tokens"]),
                   "mfu": flops / (elapsed * s.mesh.size * peak) if peak else None,
-                  "skipped": skipped, "time": time.time()}
+                  "skipped": skipped, "time": time.time(), **(rl.record(step, m) if rl else {})}
         if writers and (step % stage.log.every_steps == 0 or step == steps):
             writers.write(record)
         bar.update()
@@ -336,7 +347,8 @@ def _loop(s: Setup, ckpts, source, params, opt_state, step, skipped, resolved, p
 
         meta = {"step": step, "skipped": skipped, "stage": stage.name,
                 "process_count": jax.process_count(), "mesh": dict(s.mesh.shape)}
-        ckpts.save(step, params, opt_state, data_state, meta, resolved, force=preempted or step == steps)
+        if saving or step == steps:
+            ckpts.save(step, params, opt_state, data_state, meta, resolved, force=preempted or step == steps)
         if preempted:
             ckpts.wait()
             bar.close()
