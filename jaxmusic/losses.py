@@ -21,6 +21,7 @@ import jax.numpy as jnp
 
 from jaxmusic.audio import log_mel_jax
 from jaxmusic.data.packing import segment_attention_mask
+from jaxmusic.models.mufun import splice
 from jaxmusic.models.splice_plan import IGNORE_INDEX
 
 LossFn = Callable[[Any, dict], tuple[jax.Array, jax.Array, dict]]
@@ -141,12 +142,17 @@ def completion_log_probs(model, batch: dict, group_size: int):
     Layout (`jaxmusic.train.rollout`): row b is a left-padded prompt of T positions, then the
     N completion slots (`completion [B, N]`); `segment_ids` keep padding out of attention; the
     `group_size` rows of a prompt share its chunk slots (one splice group per prompt, so its
-    audio is encoded once). Logits are computed for the N positions that predict the completion
-    only (MuFun's vocabulary is 152k).
+    audio is encoded once). With a frozen encoder the batch holds its output as the sampler
+    computed it (`audio_features`) instead of the audio. Logits are computed for the N
+    positions that predict the completion only (MuFun's vocabulary is 152k).
     """
-    mel = log_mels(batch, model.whisper.cfg.num_mel_bins)
+    if "audio_features" in batch:
+        audio = model.connector(batch["audio_features"])
+    else:
+        audio = model.audio_embeddings(log_mels(batch, model.whisper.cfg.num_mel_bins))
     groups = batch["input_ids"].shape[0] // group_size
-    embeds = model.inputs_embeds(mel, batch["input_ids"], batch["audio_index"], batch["is_audio"], groups=groups)
+    embeds = splice(model.llm.embed(batch["input_ids"]), audio, batch["audio_index"], batch["is_audio"],
+                    groups=groups)
     h, _ = model.llm.hidden(embeds, batch["positions"], mask=segment_attention_mask(batch["segment_ids"]))
     n = batch["completion"].shape[1]
     logits = model.llm.logits(h[:, -n - 1:-1]).astype(jnp.float32)

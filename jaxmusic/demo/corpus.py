@@ -358,7 +358,8 @@ def _label(task: str, spec: dict, section: dict | None) -> str:
     return section["quality"]
 
 
-def _label_set(task: str) -> list[str]:
+def label_set(task: str) -> list[str]:
+    """Every answer a task can have."""
     return {"sections": list(SECTION_WORDS), "tempo": list(TEMPI), "instrument": list(INSTRUMENTS),
             "pitch": [note_name(m) for m in range(NOTE_RANGE[0], NOTE_RANGE[1] + 1)],
             "pitch_class": list(PITCH_CLASSES), "chord": list(CHORDS)}[task]
@@ -366,7 +367,7 @@ def _label_set(task: str) -> list[str]:
 
 def _choices(task: str, answer: str, rng) -> tuple[list[str], int]:
     """Four options (the answer and three random distractors) in random order."""
-    others = [x for x in _label_set(task) if x != answer]
+    others = [x for x in label_set(task) if x != answer]
     options = [answer] + [others[i] for i in rng.choice(len(others), 3, replace=False)]
     order = rng.permutation(4)
     options = [options[i] for i in order]

@@ -68,7 +68,8 @@ class GRPO:
         self.tokenizer = AutoTokenizer.from_pretrained(stage.data.tokenizer, local_files_only=True)
         settings = rollout.Sampling(g.generations, g.max_new_tokens, g.temperature, g.top_p, g.top_k,
                                     stop_ids(self.tokenizer), int(self.tokenizer.pad_token_id or 0))
-        self.sample = rollout.sampler(setup.graphdef, settings, setup.mesh)
+        frozen_encoder = not any(path[0] == "whisper" for path in setup.trainable)
+        self.sample = rollout.sampler(setup.graphdef, settings, setup.mesh, frozen_encoder=frozen_encoder)
         self.finish = rollout.finisher(setup.graphdef, setup.trainable, setup.mesh, generations=g.generations,
                                        weights=[r.weight for r in self.rewards], aggregation=g.aggregation,
                                        old_logp=g.iterations > 1, beta=g.beta)
@@ -139,7 +140,7 @@ class GRPO:
         prompts, fields = self._prompts(step)
         key = jax.random.fold_in(jax.random.key(g.seed), step)
         t0 = time.perf_counter()
-        tokens, lengths, stopped = self.sample(params, prompts, key)
+        tokens, lengths, stopped, features = self.sample(params, prompts, key)
         local = {k: sharding.to_local(v) for k, v in (("tokens", tokens), ("lengths", lengths), ("stopped", stopped))}
         sampling = time.perf_counter() - t0
         # local rows are ordered (prompt, microbatch, completion), as the sampler's
@@ -156,7 +157,7 @@ class GRPO:
                                              pick("record"))
         rows = self.prompts * a * g.generations
         global_scores = sharding.to_global(self.s.mesh, {"r": scores}, {"r": rows}, microbatched=False)["r"]
-        batch, stats = self.finish(params, self.reference, prompts, tokens, lengths, stopped, global_scores)
+        batch, stats = self.finish(params, self.reference, prompts, tokens, lengths, stopped, features, global_scores)
         stats = {k: float(v) for k, v in jax.device_get(stats).items()}
         for j, r in enumerate(self.rewards):
             stats[f"reward/{r.name}"] = stats.pop(f"reward_{j}")

@@ -35,6 +35,7 @@ from jax.sharding import NamedSharding
 from jaxmusic import sharding
 from jaxmusic.generate import pick_tokens
 from jaxmusic.losses import completion_log_probs, group_advantages, log_mels
+from jaxmusic.models import mufun
 from jaxmusic.train import optim
 
 PROMPT_KEYS = ("input_ids", "audio_index", "is_audio", "attention_mask", "positions")
@@ -76,12 +77,14 @@ def _microbatches(x: jax.Array, prompts: int, microbatches: int) -> jax.Array:
     return jnp.swapaxes(x, 0, 1).reshape(microbatches, -1, *x.shape[3:])
 
 
-def sampler(graphdef: nnx.GraphDef, settings: Sampling, mesh):
-    """`sample(params, prompts, key) -> (tokens [R, N], lengths [R], stopped [R])`, jitted.
+def sampler(graphdef: nnx.GraphDef, settings: Sampling, mesh, *, frozen_encoder: bool):
+    """`sample(params, prompts, key) -> (tokens [R, N], lengths [R], stopped [R], features)`, jitted.
 
     `prompts`: left-aligned `[A, P, T]` microbatches (with their chunk slots `[A, P * C, ...]`);
     R = P * A * G completions. `tokens` hold each completion up to and including its stop token,
     then `pad_id`; `lengths` count those tokens; `stopped` says which rows emitted a stop token.
+    `features`: with a `frozen_encoder`, its output for the chunk slots `[A, P * C, T', F]`
+    (`mufun.audio_features`), which the update then reuses instead of encoding again; else None.
     """
     g, n = settings.generations, settings.max_new_tokens
     rows = sharding.activation_sharding(mesh)
@@ -97,10 +100,12 @@ def sampler(graphdef: nnx.GraphDef, settings: Sampling, mesh):
         a, p, t = prompts["input_ids"].shape
 
         def embed(mb):  # one splice group per prompt: its audio is encoded once
-            mel = log_mels(mb, model.whisper.cfg.num_mel_bins)
-            return model.inputs_embeds(mel, mb["input_ids"], mb["audio_index"], mb["is_audio"], groups=p)
+            features = mufun.audio_features(model.whisper, log_mels(mb, model.whisper.cfg.num_mel_bins), model.cfg)
+            text = model.llm.embed(mb["input_ids"])
+            return mufun.splice(text, model.connector(features), mb["audio_index"], mb["is_audio"], groups=p), features
 
-        embeds = jax.lax.with_sharding_constraint(_rows(jax.lax.map(embed, prompts), g), rows)
+        embeds, features = jax.lax.map(embed, prompts)
+        embeds = jax.lax.with_sharding_constraint(_rows(embeds, g), rows)
         valid = _rows(prompts["attention_mask"], g)
         positions = _rows(prompts["positions"], g)
         lengths = valid.sum(axis=1)
@@ -127,26 +132,28 @@ def sampler(graphdef: nnx.GraphDef, settings: Sampling, mesh):
         _, tokens, _, _ = jax.lax.while_loop(more, step, (jnp.int32(0), tokens, jnp.isin(first, stop), cache))
         is_stop = jnp.isin(tokens, stop)
         stopped = is_stop.any(axis=1)
-        return tokens, jnp.where(stopped, jnp.argmax(is_stop, axis=1) + 1, n), stopped
+        return (tokens, jnp.where(stopped, jnp.argmax(is_stop, axis=1) + 1, n), stopped,
+                features if frozen_encoder else None)
 
     return jax.jit(sample)
 
 
 def finisher(graphdef: nnx.GraphDef, trainable: frozenset, mesh, *, generations: int, weights, aggregation: str,
              old_logp: bool, beta: float):
-    """`finish(params, reference, prompts, tokens, lengths, stopped, rewards) -> (batch, stats)`, jitted.
+    """`finish(params, reference, prompts, tokens, lengths, stopped, features, rewards) -> (batch, stats)`, jitted.
 
-    `rewards [R, F]`: every reward function on every completion (`jaxmusic.rewards.score`), summed
-    with `weights` into the reward the advantages are made of. `batch`: the train step's
-    microbatches (module docstring), with `old_logp` from `params` when the batch serves more
-    than one update, and `ref_logp` from the reference's trainable parameters (`reference`, the
-    rest being frozen and so the same) when `beta > 0`. `stats`: replicated scalars over the
-    rows that hold a prompt.
+    The sampler's outputs, and `rewards [R, F]`: every reward function on every completion
+    (`jaxmusic.rewards.score`), summed with `weights` into the reward the advantages are made of.
+    `batch`: the train step's microbatches (module docstring; with the frozen encoder's
+    `features` in place of the audio when given), with `old_logp` from `params` when the batch
+    serves more than one update, and `ref_logp` from the reference's trainable parameters
+    (`reference`, the rest being frozen and so the same) when `beta > 0`. `stats`: replicated
+    scalars over the rows that hold a prompt.
     """
     g = generations
     weights = jnp.asarray(weights, jnp.float32)
 
-    def finish(params, reference, prompts, tokens, lengths, stopped, rewards):
+    def finish(params, reference, prompts, tokens, lengths, stopped, features, rewards):
         a, p, t = prompts["input_ids"].shape
         n = tokens.shape[1]
         per_row = {k: _microbatches(_rows(prompts[k], g), p, a) for k in PROMPT_KEYS}
@@ -165,6 +172,8 @@ def finisher(graphdef: nnx.GraphDef, trainable: frozenset, mesh, *, generations:
             "advantages": per_completion(group_advantages(total, g, scale=aggregation != "dr_grpo")),
             **{k: v for k, v in prompts.items() if k not in PROMPT_KEYS}}
         batch["segment_ids"] = batch["attention_mask"].astype(jnp.int32)
+        if features is not None:
+            batch = {k: v for k, v in batch.items() if k not in ("mel", "wave")} | {"audio_features": features}
 
         def log_probs(state):
             model = nnx.merge(graphdef, state)
