@@ -115,9 +115,9 @@ class Setup:
         return lowered.compile(), time.perf_counter() - t0
 
     def step_flops(self, batch) -> float:
-        audio = batch["mel" if "mel" in batch else "wave"]
+        chunk_rows = next(batch[k].shape[1] for k in ("chunk_mask", "mel", "wave") if k in batch)
         forward = metrics_lib.forward_flops(self.spec.whisper, self.spec.llm, self.spec.mufun,
-                                            chunk_rows=audio.shape[1], rows=self.micro_rows,
+                                            chunk_rows=chunk_rows, rows=self.micro_rows,
                                             length=batch["input_ids"].shape[2])
         return metrics_lib.step_flops(forward, {p[0] for p in self.trainable}, self.stage.accumulation)
 
