@@ -145,6 +145,7 @@ def run_trl(args, stage, tokenizer, ours: JaxmusicGRPO):
         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id))
     weights = hf_weights(_llm_module(ours.s, ours.init_llm), qwen3.hf_tensors(c), c.num_hidden_layers)
     model.load_state_dict({k: torch.from_numpy(np.array(v, np.float32)) for k, v in weights.items()}, strict=True)
+    diff = same_model(ours.s, ours.init_llm, model, tokenizer)  # before either side trains it
 
     rows = [{"prompt": templates.inference_prompt(q, 0), "answer": a} for q, a in QUESTIONS]
     data = Dataset.from_list(rows * (args.prompts * (args.steps + 2)))
@@ -161,7 +162,8 @@ def run_trl(args, stage, tokenizer, ours: JaxmusicGRPO):
         learning_rate=stage.optimizer.lr, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
         max_grad_norm=stage.optimizer.clip_norm, max_steps=args.steps + 1, logging_steps=1, save_strategy="no",
         report_to="none", use_cpu=True, bf16=False, dataloader_num_workers=0, seed=0, disable_dropout=True,
-        log_completions=False, mask_truncated_completions=False)
+        log_completions=False, mask_truncated_completions=False,
+        gradient_checkpointing=False)  # TRL 1.x turns it on by default; jaxmusic's side does not recompute
     trainer = GRPOTrainer(model=model, reward_funcs=[exact_once], args=config, train_dataset=data,
                           processing_class=tokenizer)
     times = {"step": [], "rollout": [], "length": []}
@@ -189,7 +191,7 @@ def run_trl(args, stage, tokenizer, ours: JaxmusicGRPO):
     trainer.add_callback(StepTimer())
     trainer.train()
     times["update"] = [a - b for a, b in zip(times["step"], times["rollout"])]
-    return median_after_warmup(times), model, torch.get_num_threads()
+    return median_after_warmup(times), diff, torch.get_num_threads()
 
 
 def median_after_warmup(times: dict) -> dict:
@@ -230,9 +232,8 @@ def main(argv=None) -> int:
     tokenizer = make_tokenizer(work / "tok")
     stage = make_stage(args, work / "tok", len(tokenizer))
     jaxmusic = JaxmusicGRPO(stage, tokenizer, work, args.prompts)
-    theirs, hf_model, threads = run_trl(args, stage, tokenizer, jaxmusic)
+    theirs, diff, threads = run_trl(args, stage, tokenizer, jaxmusic)
     ours = median_after_warmup(jaxmusic.times)
-    diff = same_model(jaxmusic.s, jaxmusic.init_llm, hf_model, tokenizer)
     params = sum(x.size for x in jax.tree.leaves(jaxmusic.init_llm))
     result = {"model": {"hidden": args.hidden, "layers": args.layers, "vocab": len(tokenizer), "parameters": params},
               "prompts": args.prompts, "generations": args.generations, "max_new_tokens": args.max_new_tokens,

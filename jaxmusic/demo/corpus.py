@@ -42,9 +42,6 @@ Files under the corpus root (audio paths in manifests are relative to the root):
   task lets a schedule weight the tasks: a model trained from scratch learns the loudest cue
   (instrument) first, and with the tasks in their natural proportions (instrument asked of
   every section) the rest stayed at chance (README, "Demo").
-* `rl.jsonl` - open questions whose answers can be checked, for the GRPO stage: one record per
-  task and crop, the answer the bare label ("brass", "very fast", "three"), which MuFun's reward
-  looks for in a completion. Not in `MANIFESTS`: the tokenizer is trained without it.
 * `eval.jsonl` - the held-out split as a MuCUE-style benchmark for `jaxmusic eval`
   (`audio`, optional `time`, `question`, `choices`, `answer` (a letter), `subset`).
 * `clips.jsonl` - every clip's attributes (ground truth); `corpus.json` - the settings.
@@ -96,7 +93,6 @@ NOTE_NAMES = ("C", "C#", "D", "D#", "E", "F", "F#", "G", "G#", "A", "A#", "B")
 PITCH_CLASSES = tuple(n[0] + (" sharp" if n.endswith("#") else " natural") for n in NOTE_NAMES)
 TASKS = ("instrument", "pitch", "pitch_class", "chord", "tempo", "sections")
 MANIFESTS = ("captions", "qa") + tuple(f"mcq_{task}" for task in TASKS)  # training manifests
-RL_MANIFEST = "rl"  # checkable open questions for reinforcement learning
 
 QUESTIONS = {
     "instrument": ("Which instrument family is playing?", "What kind of instrument plays in this clip?",
@@ -358,8 +354,7 @@ def _label(task: str, spec: dict, section: dict | None) -> str:
     return section["quality"]
 
 
-def label_set(task: str) -> list[str]:
-    """Every answer a task can have."""
+def _label_set(task: str) -> list[str]:
     return {"sections": list(SECTION_WORDS), "tempo": list(TEMPI), "instrument": list(INSTRUMENTS),
             "pitch": [note_name(m) for m in range(NOTE_RANGE[0], NOTE_RANGE[1] + 1)],
             "pitch_class": list(PITCH_CLASSES), "chord": list(CHORDS)}[task]
@@ -367,7 +362,7 @@ def label_set(task: str) -> list[str]:
 
 def _choices(task: str, answer: str, rng) -> tuple[list[str], int]:
     """Four options (the answer and three random distractors) in random order."""
-    others = [x for x in label_set(task) if x != answer]
+    others = [x for x in _label_set(task) if x != answer]
     options = [answer] + [others[i] for i in rng.choice(len(others), 3, replace=False)]
     order = rng.permutation(4)
     options = [options[i] for i in order]
@@ -450,22 +445,6 @@ def train_records(spec: dict, seed: int) -> dict[str, list[dict]]:
     return {"captions": captions, "qa": qa} | mcq
 
 
-def rl_records(spec: dict, seed: int) -> list[dict]:
-    """One open question per task a training clip can answer (about a random section for the
-    section tasks, so every task is asked about as often), answered by the bare label."""
-    rng = np.random.default_rng([seed, 4, int(spec["id"].split("-")[1])])
-    by_task: dict[str, list] = {}
-    for task, section in _answerable(spec):
-        by_task.setdefault(task, []).append(section)
-    out = []
-    for task in TASKS:
-        if task in by_task:
-            section = by_task[task][rng.integers(len(by_task[task]))]
-            out.append(_record(f"{spec['id']}-rl-{task}", spec, [(str(rng.choice(QUESTIONS[task])),
-                                                                  _label(task, spec, section))], _time(spec, section)))
-    return out
-
-
 def eval_items(spec: dict, seed: int) -> list[dict]:
     """One benchmark item per task this held-out clip can answer (a random section for section tasks)."""
     rng = np.random.default_rng([seed, 3, int(spec["id"].split("-")[1])])
@@ -527,7 +506,6 @@ def build(root: str | os.PathLike, cfg: CorpusConfig | dict = CorpusConfig(), *,
             records[name] += recs
     for name, recs in records.items():
         _write_jsonl(root / f"{name}.jsonl", recs)
-    _write_jsonl(root / f"{RL_MANIFEST}.jsonl", [r for spec in train for r in rl_records(spec, cfg.seed)])
     evals = [item for s in specs if s["split"] == "eval" for item in eval_items(s, cfg.seed)]
     _write_jsonl(root / "eval.jsonl", evals)
     _write_jsonl(root / "clips.jsonl", specs)
