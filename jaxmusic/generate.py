@@ -44,12 +44,18 @@ def round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
-def pick_tokens(logits, temperature, top_p, key, *, greedy: bool):
-    """Next token per row from `[B, V]` logits: argmax, or temperature + nucleus (top-p) sampling."""
+def pick_tokens(logits, temperature, top_p, key, *, greedy: bool, top_k: int = 0):
+    """Next token per row from `[B, V]` logits: argmax, or temperature, top-k (0: off) and nucleus
+    (top-p) sampling, in transformers' order. A Python `top_p` of 1 is off: no sort, no cut."""
     logits = logits.astype(jnp.float32)
     if greedy:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     logits = logits / temperature
+    if top_k:
+        kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
+        logits = jnp.where(logits >= kth, logits, -jnp.inf)
+    if isinstance(top_p, (int, float)) and top_p >= 1:
+        return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
     ranked = jnp.sort(logits, axis=-1)[..., ::-1]
     probs = jax.nn.softmax(ranked, axis=-1)
     # Keep the smallest top-ranked set whose mass reaches top_p (the best token always stays).

@@ -131,9 +131,7 @@ def load(path: str | os.PathLike, opts: ModelOptions = ModelOptions(), mufun_con
     tokenizer = AutoTokenizer.from_pretrained(ckpt / parts["llm"]["tokenizer"])
     if not tokenizer.is_fast:
         raise UserError(f"{ckpt}: the tokenizer must be a fast (tokenizer.json) tokenizer")
-    stop = [tokenizer.convert_tokens_to_ids(templates.END_OF_TURN), tokenizer.eos_token_id]
-    stop_ids = tuple(sorted({int(s) for s in stop if s is not None and s != tokenizer.unk_token_id}))
-    return Loaded(model, tokenizer, cfg, stop_ids)
+    return Loaded(model, tokenizer, cfg, templates.stop_ids(tokenizer))
 
 
 # ------------------------------------------------------------------------------ batches

@@ -252,3 +252,10 @@ def to_global(mesh: Mesh, local: Mapping[str, np.ndarray], global_rows: Mapping[
         shape[row_axis] = global_rows[key]
         out[key] = jax.make_array_from_process_local_data(sharding, value, tuple(shape))
     return out
+
+
+def to_local(array: jax.Array) -> np.ndarray:
+    """This process's rows (axis 0) of a row-sharded global array, in order: what `to_global`
+    took from it (replicas of a shard, e.g. over the tensor axis, are read once)."""
+    shards = {s.index[0].start or 0: s for s in array.addressable_shards}
+    return np.concatenate([np.asarray(shards[k].data) for k in sorted(shards)])

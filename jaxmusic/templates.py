@@ -154,6 +154,29 @@ def encode_conversation(template: str, conversations, n_audio: int, tokenizer, *
                              placeholder=placeholder)
 
 
+def encode_rl_prompt(template: str, conversations, n_audio: int, tokenizer, *,
+                     placeholder: str = AUDIO_PLACEHOLDER) -> tuple[TokenizedText, str, str]:
+    """A reinforcement-learning prompt from a training sample: `(tokens, prompt text, ground truth)`.
+
+    The prompt is the `qwen2_instruct` rendering of the conversation up to and including the
+    last `"ASSISTANT: "` (earlier turns keep their answers), as MuFun's GRPO data renders it;
+    the ground truth is the last answer's text. No token carries loss.
+    """
+    if template != "qwen2_instruct":
+        raise TemplateError(f"reinforcement learning prompts use the qwen2_instruct template, not {template!r}")
+    turns = split_turns(conversations, n_audio, placeholder=placeholder)
+    segments = render(template, turns[:-1], placeholder=placeholder) + [
+        ("USER: " + turns[-1][0] + " " + "ASSISTANT: ", False)]
+    text = tokenize_segments([(s, False) for s, _ in segments], tokenizer, placeholder=placeholder)
+    return text, "".join(s for s, _ in segments), turns[-1][1]
+
+
+def stop_ids(tokenizer) -> tuple[int, ...]:
+    """The ids that end an answer: `<|im_end|>` and the tokenizer's EOS."""
+    stop = [tokenizer.convert_tokens_to_ids(END_OF_TURN), tokenizer.eos_token_id]
+    return tuple(sorted({int(s) for s in stop if s is not None and s != tokenizer.unk_token_id}))
+
+
 # ------------------------------------------------------------------------------- inference
 
 def inference_prompt(question: str, n_audio: int, *, placeholder: str = AUDIO_PLACEHOLDER) -> str:

@@ -26,7 +26,7 @@ from jaxmusic.demo.corpus import TASKS
 
 REPO = Path(__file__).resolve().parent.parent
 SHORT = ["corpus.n_train=300", "corpus.n_eval=60", "ask.clips=2"]
-MINUTES = 8  # align 24, full 520, instruct 240 steps
+MINUTES = 8  # align 24, full 520, instruct 240, grpo 32 steps
 
 
 @pytest.fixture(scope="module")
@@ -37,18 +37,19 @@ def workdir(tmp_path_factory):
 
 
 def test_demo_writes_every_artefact(workdir):
-    for name in ("report.md", "loss.png", "loss_align.png", "loss_full.png", "loss_instruct.png",
-                 "schedule.yaml", "demo.json", "corpus/tokenizer/tokenizer.json"):
+    for name in ("report.md", "loss.png", "loss_align.png", "loss_full.png", "loss_instruct.png", "loss_grpo.png",
+                 "schedule.yaml", "demo.json", "corpus/tokenizer/tokenizer.json", "train/grpo/samples.jsonl"):
         assert (workdir / name).is_file(), name
-    for stage, steps in (("align", 24), ("full", 520), ("instruct", 240)):
+    for stage, steps in (("align", 24), ("full", 520), ("instruct", 240), ("grpo", 32)):
         assert (workdir / "train" / stage / "DONE").read_text().strip() == str(steps)
         losses = demo.read_losses(workdir / "train" / stage)
         assert [s for s, _ in losses] == list(range(1, steps + 1))
-    summary = json.loads((workdir / "eval" / "instruct" / "results.json").read_text())
-    assert set(summary["subsets"]) == set(TASKS)
-    assert summary["overall"]["skipped"] == 0 and summary["overall"]["scored"] == summary["overall"]["items"]
+    for stage in ("instruct", "grpo"):  # before and after GRPO, generating the answers
+        summary = json.loads((workdir / "eval" / stage / "results.json").read_text())
+        assert summary["mode"] == "generate" and set(summary["subsets"]) == set(TASKS)
+        assert summary["overall"]["skipped"] == 0 and summary["overall"]["scored"] == summary["overall"]["items"]
     report = (workdir / "report.md").read_text()
-    assert "| overall | 25% |" in report and "after instruct" in report
+    assert "| overall | 25% |" in report and "after instruct | after grpo" in report
     assert report.count("(truth: ") == 2
 
 
@@ -59,7 +60,7 @@ def test_training_learns(workdir):
 
 
 def test_demo_beats_chance(workdir):
-    summary = json.loads((workdir / "eval" / "instruct" / "results.json").read_text())
+    summary = json.loads((workdir / "eval" / "grpo" / "results.json").read_text())
     accuracy = {task: s["accuracy"] for task, s in summary["subsets"].items()}
     assert summary["overall"]["items"] > 250 and all(s["chance"] == 0.25 for s in summary["subsets"].values())
     assert summary["overall"]["accuracy"] >= 0.40, accuracy
@@ -87,10 +88,10 @@ def test_stage_model_exports_to_released_layout(workdir, tmp_path, monkeypatch):
 
 
 def test_rerun_resumes_and_changed_settings_are_refused(workdir, capsys):
-    before = {s: (workdir / "train" / s / "metrics.jsonl").read_text() for s in ("align", "full", "instruct")}
+    before = {s: (workdir / "train" / s / "metrics.jsonl").read_text() for s in ("align", "full", "instruct", "grpo")}
     assert demo.run(workdir, minutes=MINUTES, overrides=SHORT, progress=False) == 0
     said = capsys.readouterr()
-    assert (said.out + said.err).count("already done") == 3
+    assert (said.out + said.err).count("already done") == 4
     assert before == {s: (workdir / "train" / s / "metrics.jsonl").read_text() for s in before}
     assert demo.main(["--workdir", str(workdir), "--minutes", "1", "--no-progress", *SHORT]) == 2
     assert "other settings (minutes differ)" in capsys.readouterr().err

@@ -25,6 +25,7 @@ from jaxmusic.train import EXIT_DIVERGED, EXIT_PREEMPTED, EXIT_USER_ERROR, main
 from jaxmusic.train import config as C
 from jaxmusic.train import metrics as M
 from jaxmusic.train import optim
+from training_runs import final_item, lines, run_until, saved_steps
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "stages" / "tiny.yaml"
@@ -41,8 +42,8 @@ def test_shipped_configs_load_and_validate():
         alone = "source: previous" in path.read_text()  # a later stage run on its own names its init
         assert C.load(path, ["init.source=stage", "init.path=runs/p0"] if alone else []).stages, path
     full = C.load(REPO / "configs" / "schedules" / "mufun_full.yaml").stages
-    assert [s.name for s in full] == ["p1", "p2", "p3", "p4", "f1"]
-    assert [s.batch.global_batch for s in full] == [384, 384, 384, 384, 144]
+    assert [s.name for s in full] == ["p1", "p2", "p3", "p4", "f1", "f2"]
+    assert [s.batch.global_batch for s in full] == [384, 384, 384, 384, 144, 256]
     assert full[0].trainable == ["^connector/"] and full[0].data.template == "pretrain"
     assert full[1].trainable == ["^whisper/", "^connector/"]
     assert all(s.init.source == "previous" for s in full[1:])
@@ -50,6 +51,15 @@ def test_shipped_configs_load_and_validate():
     assert all(s.optimizer.b1 == 0.9 and s.optimizer.b2 == 0.999 and s.optimizer.eps == 1e-8
                and s.optimizer.weight_decay == 0 and s.optimizer.clip_norm == 1.0 for s in full)
     assert all(math.prod(s.mesh.shape().values()) == 16 for s in full)
+    f2 = full[5]  # MuFun's scripts/grpo.sh and train_grpo.py
+    assert f2.loss == "grpo" and f2.trainable == ["^connector/", "^llm/"] and f2.init.source == "previous"
+    assert (f2.optimizer.lr, f2.optimizer.warmup_ratio, f2.optimizer.schedule, f2.epochs) == (2e-6, 0.02, "cosine", 1)
+    g = f2.grpo
+    assert (g.generations, g.max_new_tokens, g.max_prompt_tokens, g.temperature, g.top_p, g.beta, g.epsilon,
+            g.iterations, g.aggregation, g.rewards) == (8, 256, 512, 1.0, 1.0, 0.0, 0.2, 1, "bnpo",
+                                                        [{"name": "exact_once", "weight": 1.0}])
+    assert f2.records_per_step == 32 and f2.model.dtype == "bfloat16"
+    assert [s.name for s in C.load(REPO / "configs" / "schedules" / "mufun_finetune.yaml").stages] == ["f1", "f2"]
 
 
 def test_overrides_and_errors(tmp_path):
@@ -285,51 +295,18 @@ def reference(tmp_path_factory, cache):
     return workdir
 
 
-def _lines(path: Path) -> int:
-    return len(path.read_text().splitlines()) if path.exists() else 0
-
-
-def _saved_steps(stage_dir: Path) -> list[int]:
-    """Complete checkpoints (Orbax renames a step's folder to its number once it is whole)."""
-    folder = stage_dir / "checkpoints"
-    return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit()) if folder.exists() else []
-
-
-def _run_until(cmd, env, ready, sig) -> tuple[int, str]:
-    """Start `cmd`, send `sig` as soon as `ready()`; return (exit code, stderr)."""
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 300
-    while proc.poll() is None and time.time() < deadline:
-        if ready():
-            proc.send_signal(sig)
-            break
-        time.sleep(0.01)
-    _, err = proc.communicate(timeout=300)
-    return proc.returncode, err
-
-
-def _final(stage_dir: Path, item: str) -> dict:
-    """`{name: array}` of a stage's final checkpoint item, read with plain Orbax."""
-    import jax
-    import orbax.checkpoint as ocp
-
-    step = max(int(p.name) for p in (stage_dir / "checkpoints").iterdir() if p.name.isdigit())
-    tree = ocp.StandardCheckpointer().restore((stage_dir / "checkpoints" / str(step) / item).absolute())
-    return {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(tree)}
-
-
 def test_interrupted_runs_resume_bit_exact(reference, cache, tmp_path):
     env, workdir = _env(cache), tmp_path / "run"
     cmd = _cmd(SCHEDULE, workdir)
     p1, p3 = workdir / "p1", workdir / "p3"
     # SLURM-style preemption during p1: saves the current step and exits 75
-    code, err = _run_until(cmd, env, lambda: _lines(p1 / "metrics.jsonl") >= 2, signal.SIGTERM)
+    code, err = run_until(cmd, env, lambda: lines(p1 / "metrics.jsonl") >= 2, signal.SIGTERM)
     assert code == EXIT_PREEMPTED, err[-3000:]
     assert "preempted: saved step" in err
     # same command: p1 resumes and finishes, p3 starts; killed hard once it has a complete
     # checkpoint and has gone past it, so the steps since that checkpoint are lost
-    past_a_save = lambda: _saved_steps(p3) and _lines(p3 / "metrics.jsonl") > _saved_steps(p3)[-1]  # noqa: E731
-    code, err = _run_until(cmd, env, past_a_save, signal.SIGKILL)
+    past_a_save = lambda: saved_steps(p3) and lines(p3 / "metrics.jsonl") > saved_steps(p3)[-1]  # noqa: E731
+    code, err = run_until(cmd, env, past_a_save, signal.SIGKILL)
     assert code == -signal.SIGKILL, err[-3000:]
     assert "resumed from" in err
     # same command again: finishes from p3's newest complete checkpoint
@@ -338,7 +315,7 @@ def test_interrupted_runs_resume_bit_exact(reference, cache, tmp_path):
     assert "stage p1: already done" in r.stderr and "resumed from" in r.stderr
     for stage in ("p1", "p3"):
         for item in ("params", "opt_state"):
-            got, want = _final(workdir / stage, item), _final(reference / stage, item)
+            got, want = final_item(workdir / stage, item), final_item(reference / stage, item)
             assert got.keys() == want.keys()
             for name in want:  # bit-exact, data order included
                 np.testing.assert_array_equal(got[name], want[name], err_msg=f"{stage} {item} {name}")
@@ -358,18 +335,18 @@ def test_frozen_parts_are_untouched_and_have_no_optimizer_state(reference, cache
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     init = dict(np.load(out))
-    final = _final(reference / "p1", "params")
+    final = final_item(reference / "p1", "params")
     assert final.keys() == init.keys()
     for name in init:
         if name.startswith("['connector']"):
             assert not np.array_equal(final[name], init[name]), name  # trained
         else:
             np.testing.assert_array_equal(final[name], init[name], err_msg=name)  # frozen: bit-identical
-    opt_names = _final(reference / "p1", "opt_state").keys()
+    opt_names = final_item(reference / "p1", "opt_state").keys()
     assert any("['connector']" in n for n in opt_names)
     assert not any("['whisper']" in n or "['llm']" in n for n in opt_names)
     # p3 trains everything: optimizer state for every part
-    opt3 = _final(reference / "p3", "opt_state").keys()
+    opt3 = final_item(reference / "p3", "opt_state").keys()
     assert any("['whisper']" in n for n in opt3) and any("['llm']" in n for n in opt3)
     # and the run left its logs: JSONL metrics and a TensorBoard event file per stage
     lines = [json.loads(x) for x in (reference / "p3" / "metrics.jsonl").read_text().splitlines()]
@@ -388,8 +365,8 @@ def test_non_finite_loss_stops_with_the_last_checkpoint_intact(cache, tmp_path):
     assert r.returncode == EXIT_DIVERGED, r.stderr[-3000:]
     assert "error: non-finite loss" in r.stderr and "at step 3" in r.stderr
     assert "the newest checkpoint (step 2) is intact" in r.stderr
-    assert _saved_steps(stage) == [1, 2] and not (stage / "DONE").exists()
-    assert all(np.isfinite(v).all() for v in _final(stage, "params").values())
+    assert saved_steps(stage) == [1, 2] and not (stage / "DONE").exists()
+    assert all(np.isfinite(v).all() for v in final_item(stage, "params").values())
 
 
 def test_non_finite_steps_can_be_skipped(reference, cache, tmp_path):
@@ -402,9 +379,9 @@ def test_non_finite_steps_can_be_skipped(reference, cache, tmp_path):
     stage = tmp_path / "run" / "tiny"
     lines = [json.loads(x) for x in (stage / "metrics.jsonl").read_text().splitlines()]
     assert [x["skipped"] for x in lines] == list(range(1, 9))
-    final = _final(stage, "params")
+    final = final_item(stage, "params")
     assert np.isnan(final["['connector']['linear1']['weight']"]).all()
-    reference_init = _final(reference / "p1", "params")  # its whisper and llm are the init too
+    reference_init = final_item(reference / "p1", "params")  # its whisper and llm are the init too
     for name, value in final.items():
         if not name.startswith("['connector']"):
             np.testing.assert_array_equal(value, reference_init[name], err_msg=name)
@@ -476,7 +453,7 @@ def test_stage_starts_from_a_converted_hf_checkpoint(reference, cache, tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     resolved = yaml.safe_load((tmp_path / "run" / "tiny" / "config.yaml").read_text())
     assert resolved["model"]["llm"]["hidden_size"] == 64 and resolved["model"]["whisper"]["d_model"] == 32
-    final = _final(tmp_path / "run" / "tiny", "params")
+    final = final_item(tmp_path / "run" / "tiny", "params")
     for part in ("whisper", "llm"):  # frozen: still exactly the converted weights
         converted = load_params(tmp_path / "ckpt", part, _abstract_part(part))
         for path, value in jax.tree_util.tree_leaves_with_path(converted):

@@ -17,11 +17,18 @@ than `chunks_per_row` chunks, or the last audio token beyond `seq_len`) is skipp
 Only the text after the last audio file is truncated; if that removes every answer token the
 sample is skipped as `no_answer_within_budget` (it would train on nothing).
 
+Prompts for reinforcement learning (`prompt_tokens` set): the conversation up to its last
+`"ASSISTANT: "` (`templates.encode_rl_prompt`), with the last answer, the prompt text and the
+record kept for the rewards. Text longer than `prompt_tokens` (each audio placeholder counting
+one, as in TRL's prompt ids) is cut from the left, as TRL does; a prompt whose audio that cut
+would reach, or that does not fit `seq_len` whole, is skipped as `prompt_exceeds_budget`.
+
 This module needs NumPy, soundfile and a tokenizer, not an accelerator: workers never run JAX.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import struct
 import threading
@@ -108,6 +115,18 @@ def load_checked(path: str, crop: tuple[float, float] | None) -> np.ndarray:
 
 # ------------------------------------------------------------------------------------ budget
 
+def truncate_prompt(text: T.TokenizedText, max_tokens: int) -> T.TokenizedText:
+    """`text` cut from the left to `max_tokens`, each audio placeholder counting one token."""
+    excess = sum(len(p) for p in text.pieces) + text.n_audio - max_tokens
+    if excess <= 0:
+        return text
+    if excess > len(text.pieces[0]):
+        raise BadSample("prompt_exceeds_budget", f"the prompt is {excess} tokens over grpo.max_prompt_tokens="
+                                                 f"{max_tokens} and cutting it from the left would cut its audio")
+    return T.TokenizedText((text.pieces[0][excess:],) + text.pieces[1:],
+                           (text.loss_masks[0][excess:],) + text.loss_masks[1:])
+
+
 def fit_to_budget(text: T.TokenizedText, chunk_counts, cfg: DataConfig,
                   tokens_per_chunk: int) -> tuple[T.TokenizedText, bool]:
     """Applies the budget rules of the module docstring; returns (text, was_truncated)."""
@@ -143,15 +162,18 @@ class ExampleBuilder:
 
     `tokens_per_chunk` and `n_mels` are the model's (audio tokens per 30 s chunk, log-mel
     bins); `tokenizer=None` and `with_audio=False` count lengths only (`data check`).
+    `prompt_tokens`: build reinforcement-learning prompts (module docstring), which add
+    `prompt` (text), `answer` and `record` (the manifest's JSON object) to an example.
     """
 
     def __init__(self, cfg: DataConfig, tokenizer, *, tokens_per_chunk: int, n_mels: int = A.N_MELS,
-                 with_audio: bool = True):
+                 with_audio: bool = True, prompt_tokens: int | None = None):
         if tokens_per_chunk < 1 or n_mels < 1:
             raise ValueError(f"tokens_per_chunk and n_mels must be >= 1, got {tokens_per_chunk}, {n_mels}")
         self.cfg = cfg
         self.tokenizer = tokenizer
         self.tokens_per_chunk, self.n_mels, self.with_audio = tokens_per_chunk, n_mels, with_audio
+        self.prompt_tokens = prompt_tokens
         # HF fast tokenizers raise "Already borrowed" when two threads encode at once
         # (grain's read threads); tokenising is a small share of the work, so serialise it.
         self._lock = threading.Lock()
@@ -169,10 +191,12 @@ class ExampleBuilder:
         except BadSample as e:
             return {"where": raw.where, "skip": e.reason, "message": str(e)}
 
-    def _tokenize(self, record) -> T.TokenizedText:
+    def _tokenize(self, record) -> T.TokenizedText | tuple[T.TokenizedText, str, str]:
         n_audio = len(record.audio)
         if self.tokenizer is not None:
             with self._lock:
+                if self.prompt_tokens is not None:
+                    return T.encode_rl_prompt(self.cfg.template, record.conversations, n_audio, self.tokenizer)
                 return T.encode_conversation(self.cfg.template, record.conversations, n_audio,
                                              self.tokenizer)
         # `data check` without a tokenizer: the same validation, no text tokens counted
@@ -192,6 +216,11 @@ class ExampleBuilder:
             message = str(e)
             mismatch = "tags in the questions but" in message or "renders one" in message
             raise BadSample("tag_mismatch" if mismatch else "bad_conversation", message) from None
+        extra = {}
+        if self.prompt_tokens is not None:
+            text, prompt, answer = text
+            text = truncate_prompt(text, self.prompt_tokens)
+            extra = {"prompt": prompt, "answer": answer, "record": json.loads(raw.text)}
 
         waves = [load_checked(os.path.join(cfg.audio_root or "", path), crop)
                  for path, crop in zip(record.audio, record.crops)]
@@ -199,7 +228,9 @@ class ExampleBuilder:
             waves = [w[: int(round(cfg.max_audio_seconds * A.SAMPLE_RATE))] for w in waves]
         counts = np.array([A.count_chunks(len(w)) for w in waves], np.int32)
         text, truncated = fit_to_budget(text, counts, cfg, self.tokens_per_chunk)
-        example = {
+        if truncated and extra:  # a prompt's end is what the completion follows: never cut
+            raise BadSample("prompt_exceeds_budget", f"the prompt does not fit seq_len={cfg.seq_len}")
+        example = {**extra, 
             "pieces": list(text.pieces), "loss_masks": list(text.loss_masks), "chunks": counts,
             "length": int(sum(len(p) for p in text.pieces) + counts.sum() * self.tokens_per_chunk),
             "seconds": float(sum(len(w) for w in waves) / A.SAMPLE_RATE), "truncated": truncated,

@@ -37,7 +37,7 @@ from jaxmusic.errors import UserError
 # them); BUDGET reasons are samples that are fine but do not fit the configured batch shape.
 BAD_DATA = ("malformed_json", "bad_record", "bad_conversation", "tag_mismatch", "missing_audio",
             "unreadable_audio", "empty_audio", "nonfinite_audio", "truncated_audio", "bad_crop")
-BUDGET = ("audio_exceeds_budget", "no_answer_within_budget")
+BUDGET = ("audio_exceeds_budget", "no_answer_within_budget", "prompt_exceeds_budget")
 SKIP_REASONS = BAD_DATA + BUDGET
 
 

@@ -159,11 +159,18 @@ def element_stream(elements: grain.MapDataset, cfg: DataConfig, start: int = 0):
 
 # ------------------------------------------------------------------------------- batching
 
+PROMPT_FIELDS = ("prompt", "answer", "record")  # what a reinforcement-learning prompt carries besides tokens
+
+
 class MuFunBatches(grain.IterDataset):
-    """Fixed-shape batches (see `jaxmusic.data.packing`) of stream elements (`ExampleBuilder`'s)."""
+    """Fixed-shape batches (see `jaxmusic.data.packing`) of stream elements (`ExampleBuilder`'s).
+
+    With `prompts`, a batch also holds `PROMPT_FIELDS` as object arrays `[B]` (None on padding rows).
+    """
 
     def __init__(self, cfg: DataConfig, elements: grain.MapDataset, *, batch_size: int, tokens_per_chunk: int,
-                 n_mels: int, pad_id: int, report_path: str | None, shard: int = 0, shards: int = 1):
+                 n_mels: int, pad_id: int, report_path: str | None, shard: int = 0, shards: int = 1,
+                 prompts: bool = False):
         """`elements`: the whole stream; this iterator reads shard `shard` of `shards` of it."""
         super().__init__()
         if batch_size < 1:
@@ -172,11 +179,16 @@ class MuFunBatches(grain.IterDataset):
             raise ValueError(f"shard {shard} out of range for {shards} shards")
         self.cfg, self.elements, self.shard, self.shards = cfg, elements, shard, shards
         self.batch_size, self.tokens_per_chunk, self.n_mels, self.pad_id = batch_size, tokens_per_chunk, n_mels, pad_id
-        self.report_path = report_path
+        self.report_path, self.prompts = report_path, prompts
 
     def assemble(self, rows: list[list[dict]]) -> dict[str, np.ndarray]:
-        return assemble_batch(rows, self.cfg, batch_size=self.batch_size, tokens_per_chunk=self.tokens_per_chunk,
-                              pad_id=self.pad_id, n_mels=self.n_mels)
+        batch = assemble_batch(rows, self.cfg, batch_size=self.batch_size, tokens_per_chunk=self.tokens_per_chunk,
+                               pad_id=self.pad_id, n_mels=self.n_mels)
+        if self.prompts:
+            for key in PROMPT_FIELDS:
+                batch[key] = np.empty(self.batch_size, object)
+                batch[key][:] = [row[0][key] if row else None for row in rows]
+        return batch
 
     def __iter__(self) -> "BatchIterator":
         return BatchIterator(self)
@@ -385,7 +397,7 @@ def format_report(report: dict[str, Any]) -> str:
 def make_dataset(cfg: DataConfig, tokenizer, *, batch_size: int, tokens_per_chunk: int,
                  mel_shape: tuple[int, int] = WHISPER_MEL_SHAPE, num_epochs: int | None = 1,
                  report_path: str | None = None, process_index: int | None = None,
-                 process_count: int | None = None) -> grain.IterDataset:
+                 process_count: int | None = None, prompt_tokens: int | None = None) -> grain.IterDataset:
     """The stage's batches for this process; `iter()` it for a checkpointable iterator.
 
     From the run: `batch_size` rows per process; the model's `tokens_per_chunk` (audio tokens
@@ -393,6 +405,7 @@ def make_dataset(cfg: DataConfig, tokenizer, *, batch_size: int, tokens_per_chun
     `num_epochs` passes over the data (None: forever); `report_path` for the skip counts (one
     file per process when there are several). The pad id is the tokenizer's (0 if it has none).
     `process_index`/`process_count` default to `jax.process_index()`/`jax.process_count()`.
+    `prompt_tokens`: batches of reinforcement-learning prompts, one per row (`ExampleBuilder`).
     """
     n_mels = mel_bins(mel_shape)
     if process_index is None or process_count is None:
@@ -400,7 +413,10 @@ def make_dataset(cfg: DataConfig, tokenizer, *, batch_size: int, tokens_per_chun
 
         process_index = jax.process_index() if process_index is None else process_index
         process_count = jax.process_count() if process_count is None else process_count
-    builder = ExampleBuilder(cfg, tokenizer, tokens_per_chunk=tokens_per_chunk, n_mels=n_mels)
+    if prompt_tokens is not None and cfg.packing:
+        raise ConfigError("data.packing: prompts for reinforcement learning take one row each")
+    builder = ExampleBuilder(cfg, tokenizer, tokens_per_chunk=tokens_per_chunk, n_mels=n_mels,
+                             prompt_tokens=prompt_tokens)
     elements = record_dataset(cfg, num_epochs=num_epochs).map(builder)  # the whole stream; sharded when read
     if report_path and process_count > 1:
         root, ext = os.path.splitext(report_path)
@@ -408,7 +424,7 @@ def make_dataset(cfg: DataConfig, tokenizer, *, batch_size: int, tokens_per_chun
     pad_id = getattr(tokenizer, "pad_token_id", None)
     ds = MuFunBatches(cfg, elements, batch_size=batch_size, tokens_per_chunk=tokens_per_chunk, n_mels=n_mels,
                       pad_id=0 if pad_id is None else int(pad_id), report_path=report_path,
-                      shard=process_index, shards=process_count)
+                      shard=process_index, shards=process_count, prompts=prompt_tokens is not None)
     if cfg.prefetch_batches:
         ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=cfg.prefetch_batches)
     return ds

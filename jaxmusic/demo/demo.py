@@ -6,10 +6,10 @@ Trains a tiny MuFun through the staged recipe on synthetic music and shows that 
 2. tokenizer  `WORKDIR/corpus/tokenizer/`: a small Qwen-style BPE trained on the corpus text
 3. training   `WORKDIR/schedule.yaml` (jaxmusic/configs/schedules/demo.yaml with the corpus paths filled
               in and steps scaled to `--minutes`) run by the real trainer into `WORKDIR/train/`
-4. eval       held-out split, MuCUE-style four-option questions, per task next to chance
-              (`WORKDIR/eval/<stage>/`)
-5. report     `WORKDIR/report.md`, loss curves `WORKDIR/loss_<stage>.png` and `loss.png`, and a
-              few `jaxmusic ask` answers about held-out clips
+4. eval       held-out split, MuCUE-style four-option questions, per task next to chance, for each
+              evaluated stage (`WORKDIR/eval/<stage>/`): before and after GRPO
+5. report     `WORKDIR/report.md`, training curves `WORKDIR/loss_<stage>.png` (a GRPO stage's reward)
+              and `loss.png`, and a few `jaxmusic ask` answers about held-out clips
 
 Every step resumes: rerunning the same command skips clips, stages and eval items already
 done. The settings (jaxmusic/configs/demo.yaml plus overrides) are fixed per workdir; a rerun with
@@ -100,38 +100,46 @@ def write_schedule(settings: dict, corpus_dir: Path, tokenizer_dir: Path, out: P
 
 # ------------------------------------------------------------------------------ loss curves
 
-def read_losses(stage_dir: Path) -> list[tuple[int, float]]:
-    """(step, loss) of a stage's metrics.jsonl; a resumed run re-logs steps, the last one counts."""
+def read_losses(stage_dir: Path, key: str = "loss") -> list[tuple[int, float]]:
+    """(step, loss) (or another metric) of a stage's metrics.jsonl; a resumed run re-logs steps,
+    the last one counts."""
     path = stage_dir / "metrics.jsonl"
     losses = {}
     if path.is_file():
         for line in path.read_text().splitlines():
             try:
                 r = json.loads(line)
-                losses[int(r["step"])] = float(r["loss"])
+                losses[int(r["step"])] = float(r[key])
             except (ValueError, KeyError):
                 continue  # a torn last line of a killed run
     return sorted(losses.items())
 
 
-def plot_losses(curves: dict[str, list[tuple[int, float]]], workdir: Path) -> list[Path]:
+METRIC_LABELS = {"loss": "training loss", "reward": "mean reward of the rollouts"}
+
+
+def plot_losses(curves: dict[str, tuple[str, list[tuple[int, float]]]], workdir: Path) -> list[Path]:
+    """Each stage's curve `loss_<stage>.png` (`curves[stage] = (metric, points)`: its loss, or a GRPO
+    stage's reward), and the losses of the supervised stages end to end in `loss.png`."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     paths = []
-    for name, points in curves.items():
+    for name, (metric, points) in curves.items():
         fig, ax = plt.subplots(figsize=(5, 3.2))
         ax.plot(*zip(*points), color="tab:blue")
-        ax.set(xlabel="step", ylabel="training loss", title=f"stage {name}")
+        ax.set(xlabel="step", ylabel=METRIC_LABELS[metric], title=f"stage {name}")
         fig.tight_layout()
         paths.append(workdir / f"loss_{name}.png")
         fig.savefig(paths[-1], dpi=110)
         plt.close(fig)
     fig, ax = plt.subplots(figsize=(7, 3.6))
     offset = 0
-    for name, points in curves.items():
+    for name, (metric, points) in curves.items():
+        if metric != "loss":
+            continue
         steps, losses = zip(*points)
         ax.plot([offset + s for s in steps], losses, label=name)
         offset += steps[-1]
@@ -193,9 +201,10 @@ def write_report(workdir: Path, settings: dict, timings: dict[str, float], curve
              "## Held-out accuracy", ""] + _accuracy_table(summaries) + [
              "", "![accuracy](eval/%s/accuracy.png)" % list(summaries)[-1] if summaries else "",
              "", "## Training", "",
-             "| stage | steps | first loss | last loss |", "|---|---|---|---|"]
-    for name, points in curves.items():
-        lines.append(f"| {name} | {points[-1][0]} | {points[0][1]:.3f} | {points[-1][1]:.3f} |")
+             "| stage | steps | curve | first | last |", "|---|---|---|---|---|"]
+    for name, (metric, points) in curves.items():
+        lines.append(f"| {name} | {points[-1][0]} | {METRIC_LABELS[metric]} | {points[0][1]:.3f} | "
+                     f"{points[-1][1]:.3f} |")
     lines += ["", "![loss](loss.png)", "", "## Answers on held-out clips (`jaxmusic ask`)", ""]
     for a in answers:
         crop = f" [{a['time'][0]:.1f}-{a['time'][1]:.1f} s]" if a.get("time") else ""
@@ -267,8 +276,9 @@ def run(workdir: str | Path, *, minutes: float | None = None, config: str | Path
     say("[5/5] report")
     answers = ask_examples(loaded, corpus_dir, int(settings["ask"]["clips"])) if loaded else []
     timings["ask"] = time.perf_counter() - t
-    curves = {name: read_losses(workdir / "train" / name) for name in stages}
-    curves = {k: v for k, v in curves.items() if v}
+    metrics = {s.name: "reward" if s.loss == "grpo" else "loss" for s in resolved}
+    curves = {name: (metrics[name], read_losses(workdir / "train" / name, metrics[name])) for name in stages}
+    curves = {k: v for k, v in curves.items() if v[1]}
     plot_losses(curves, workdir)
     report = write_report(workdir, settings, timings, curves, summaries, answers)
 

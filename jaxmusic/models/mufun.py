@@ -181,10 +181,15 @@ def audio_embeddings(encoder, connector_params: dict, mel: jax.Array, cfg: MuFun
     `encoder(mel)` must return all hidden states stacked `[L+1, N, T, D]`. The connector runs
     in `dtype`, by default the encoder's output dtype.
     """
+    pooled = audio_features(encoder, mel, cfg)
+    return connector_apply(connector_params, pooled, dtype or pooled.dtype)
+
+
+def audio_features(encoder, mel: jax.Array, cfg: MuFunConfig) -> jax.Array:
+    """Chunks `[N, n_mels, frames]` -> what the connector reads: fused, pooled encoder states `[N, T', F]`."""
     hidden = encoder(mel)
     with jax.named_scope("fuse_pool"):
-        pooled = pool(fuse(hidden, cfg.fusion_layers), cfg.pool_kernel, cfg.pool_stride)
-    return connector_apply(connector_params, pooled, dtype or hidden.dtype)
+        return pool(fuse(hidden, cfg.fusion_layers), cfg.pool_kernel, cfg.pool_stride)
 
 
 def splice(text_embeds: jax.Array, audio_embeds: jax.Array, audio_index: jax.Array,

@@ -26,9 +26,18 @@ from jaxmusic.train.synthetic import SyntheticSource
 
 
 def make_source(stage: StageConfig, spec: ModelSpec, mesh, micro_rows: int, stage_dir: Path):
-    """This process's iterator of microbatches (`micro_rows` rows in all processes together)."""
+    """This process's iterator of microbatches (`micro_rows` rows in all processes together).
+
+    A GRPO stage reads prompts instead, one per group of completions, with their answers
+    (`jaxmusic.data.make_dataset`'s `prompt_tokens`).
+    """
+    grpo = stage.loss == "grpo"
+    if grpo:
+        micro_rows //= stage.grpo.generations
     rows = sharding.process_rows(mesh, micro_rows)
     d = stage.data
+    if grpo and d.source != "manifests":
+        raise ConfigError("loss grpo needs data.source manifests: its rewards read the records' answers")
     if d.source == "synthetic":
         return SyntheticSource(vocab_size=spec.llm.vocab_size, n_mels=spec.whisper.num_mel_bins,
                                frames=2 * spec.whisper.max_source_positions,
@@ -49,7 +58,7 @@ def make_source(stage: StageConfig, spec: ModelSpec, mesh, micro_rows: int, stag
         d, tokenizer, batch_size=local, tokens_per_chunk=spec.tokens_per_chunk,
         mel_shape=(spec.whisper.num_mel_bins, 2 * spec.whisper.max_source_positions),
         num_epochs=_epochs_bound(stage), report_path=str(stage_dir / "data_report.json"),
-        process_index=shard, process_count=shards)
+        process_index=shard, process_count=shards, prompt_tokens=stage.grpo.max_prompt_tokens if grpo else None)
     return ManifestBatches(iter(dataset), shard, shards)
 
 
@@ -89,7 +98,7 @@ def _epochs_bound(stage: StageConfig) -> int:
     endless search through skipped samples.
     """
     records = max(1, _records(stage))
-    return 2 * math.ceil(stage.steps * stage.batch.global_batch / records) + 1
+    return 2 * math.ceil(stage.steps * stage.records_per_step / records) + 1
 
 
 def _records(stage: StageConfig) -> int:
@@ -131,9 +140,10 @@ def restore_data_state(source, saved: dict) -> None:
 
 
 def total_steps(stage: StageConfig) -> int:
-    """`steps`, or `epochs` x records / global batch (one row per record; packing ends earlier)."""
+    """`steps`, or `epochs` x records / records per step (one row, or one GRPO group, per record;
+    packing ends earlier)."""
     if stage.steps is not None:
         return stage.steps
     if stage.data.source != "manifests":
         raise ConfigError("epochs needs manifests (a synthetic stream has no length); set steps instead")
-    return max(1, math.ceil(stage.epochs * _records(stage) / stage.batch.global_batch))
+    return max(1, math.ceil(stage.epochs * _records(stage) / stage.records_per_step))

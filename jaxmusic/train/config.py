@@ -104,6 +104,40 @@ class LogSection:
     peak_tflops: float | None = None  # per device; default: known GPUs (see metrics.peak_flops)
 
 
+AGGREGATIONS = ("bnpo", "token_mean", "sequence_mean", "dr_grpo")
+
+
+@dataclasses.dataclass(frozen=True)
+class GRPOSection:
+    """Group Relative Policy Optimisation, read when `loss: grpo` (`jaxmusic.train.grpo`).
+
+    Defaults are MuFun's F2 as its released code runs it (scripts/grpo.sh, train_grpo.py on
+    TRL 0.19's GRPOTrainer). With `loss: grpo` the batch sizes count completions, as TRL's do:
+    `batch.global_batch / generations` prompts per step, `batch.microbatch / generations` per
+    microbatch, whole groups on every data-parallel shard.
+    """
+
+    generations: int = 8             # completions per prompt (a group)
+    max_new_tokens: int = 256        # per completion
+    max_prompt_tokens: int = 512     # prompt text tokens, each <audio> counting one; longer: left-truncated (TRL)
+    temperature: float = 1.0
+    top_p: float = 1.0               # 1.0: off
+    top_k: int = 0                   # 0: off
+    seed: int = 0                    # rollouts are a function of (seed, step)
+    epsilon: float = 0.2             # the ratio is clipped to [1 - epsilon, 1 + epsilon_high]
+    epsilon_high: float | None = None  # None: epsilon; DAPO's clip-higher sets it above (0.28)
+    beta: float = 0.0                # KL weight against the stage's initial model (k3 estimator); 0: no reference
+    iterations: int = 1              # policy updates per batch of rollouts (old log-probs stored when > 1)
+    # bnpo (MuFun's): summed over a microbatch's completion tokens / their count, mean over microbatches |
+    # token_mean (DAPO): / the step's completion tokens | sequence_mean (GRPO's paper): mean per completion,
+    # then over completions | dr_grpo (Dr. GRPO): no std scaling of advantages, / (completions x max_new_tokens)
+    aggregation: str = "bnpo"
+    # [{name: exact_once | choice | format | module:function, weight: W}]; jaxmusic.rewards
+    rewards: list = dataclasses.field(default_factory=lambda: [{"name": "exact_once", "weight": 1.0}])
+    samples_every: int = 0           # write `samples` completions with their rewards to samples.jsonl every N steps
+    samples: int = 4
+
+
 @dataclasses.dataclass(frozen=True)
 class StageConfig:
     name: str = "stage"
@@ -113,7 +147,8 @@ class StageConfig:
     data: DataConfig = DataConfig()  # jaxmusic.data.config
     batch: BatchSection = BatchSection()
     optimizer: OptimizerSection = OptimizerSection()
-    loss: str = "cross_entropy"      # key of jaxmusic.train.step.LOSSES
+    loss: str = "cross_entropy"      # key of jaxmusic.losses.LOSSES
+    grpo: GRPOSection = GRPOSection()  # read by loss: grpo
     steps: int | None = None         # optimizer steps; or set epochs
     epochs: float | None = None      # needs a data source with a known length
     checkpoint: CheckpointSection = CheckpointSection()
@@ -124,6 +159,11 @@ class StageConfig:
     @property
     def accumulation(self) -> int:
         return self.batch.global_batch // (self.batch.microbatch or self.batch.global_batch)
+
+    @property
+    def records_per_step(self) -> int:
+        """Records a step reads: one per row, or one per group of completions (GRPO)."""
+        return self.batch.global_batch // (self.grpo.generations if self.loss == "grpo" else 1)
 
     def validate(self) -> "StageConfig":
         b = self.batch
@@ -153,7 +193,31 @@ class StageConfig:
         c = self.checkpoint
         if c.keep_last < 1:
             raise ConfigError("checkpoint.keep_last must be >= 1")
+        if self.loss == "grpo":
+            self._validate_grpo(micro)
         return self
+
+    def _validate_grpo(self, micro: int) -> None:
+        g = self.grpo
+        if g.aggregation not in AGGREGATIONS:
+            raise ConfigError(f"grpo.aggregation: {g.aggregation!r} is not one of {AGGREGATIONS}")
+        least = {"generations": 2, "max_new_tokens": 1, "max_prompt_tokens": 1, "iterations": 1, "top_k": 0,
+                 "samples_every": 0, "samples": 0}
+        for key, low in least.items():
+            if getattr(g, key) < low:
+                raise ConfigError(f"grpo.{key} must be >= {low}, got {getattr(g, key)}")
+        if g.temperature <= 0 or not 0 < g.top_p <= 1 or g.epsilon < 0 or (g.epsilon_high or 0) < 0 or g.beta < 0:
+            raise ConfigError("grpo: need temperature > 0, 0 < top_p <= 1 and epsilon, epsilon_high, beta >= 0")
+        if micro % g.generations:
+            raise ConfigError(f"grpo: batch.microbatch {micro} must be a multiple of grpo.generations "
+                              f"{g.generations} (whole groups per microbatch)")
+        every = self.checkpoint.every_steps
+        if g.iterations > 1 and every and every % g.iterations:
+            raise ConfigError(f"checkpoint.every_steps {every} must be a multiple of grpo.iterations "
+                              f"{g.iterations}: a checkpoint falls between two batches of rollouts")
+        if self.init.standardize_encoder_output:
+            raise ConfigError("init.standardize_encoder_output sets up a random encoder, which a GRPO stage "
+                              "never starts from")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -50,6 +50,7 @@ from jaxmusic.losses import LOSSES
 from jaxmusic.train import config as config_lib
 from jaxmusic.train import metrics as metrics_lib
 from jaxmusic.train import optim, rerun
+from jaxmusic.train.grpo import GRPO
 from jaxmusic.train.batches import make_source, next_batch, restore_data_state, total_steps
 from jaxmusic.train.config import ConfigError, StageConfig
 from jaxmusic.train.lock import workdir_lock
@@ -100,10 +101,14 @@ class Setup:
     def micro_rows(self) -> int:
         return self.stage.batch.microbatch or self.stage.batch.global_batch
 
+    def init_params(self):
+        """The stage's initial parameters, born sharded."""
+        return init_params(self.spec, self.stage, self.param_shardings, self.abstract,
+                           restore_stage=_restore_stage_params)
+
     def init_state(self):
         """Fresh `(params, opt_state)`, both born sharded."""
-        params = init_params(self.spec, self.stage, self.param_shardings, self.abstract,
-                             restore_stage=_restore_stage_params)
+        params = self.init_params()
         opt_state = jax.jit(self.tx.init, out_shardings=self.opt_shardings)(optim.split(params, self.trainable)[0])
         return params, opt_state
 
@@ -123,9 +128,9 @@ class Setup:
         return lowered.compile(compiler_options), time.perf_counter() - t0
 
     def step_flops(self, batch) -> float:
-        audio = batch["mel" if "mel" in batch else "wave"]
+        chunk_rows = next(batch[k].shape[1] for k in ("chunk_mask", "mel", "wave") if k in batch)
         forward = metrics_lib.forward_flops(self.spec.whisper, self.spec.llm, self.spec.mufun,
-                                            chunk_rows=audio.shape[1], rows=self.micro_rows,
+                                            chunk_rows=chunk_rows, rows=self.micro_rows,
                                             length=batch["input_ids"].shape[2])
         return metrics_lib.step_flops(forward, {p[0] for p in self.trainable}, self.stage.accumulation)
 
@@ -267,11 +272,16 @@ def _resume_and_train(s: Setup, stage_dir: Path, source, ckpts: Checkpoints, pre
             params = _standardize_encoder_output(s, source, params)
 
     writers = _Writers(stage_dir, stage) if _primary() else None
+    rl = None
     try:
-        return _loop(s, ckpts, source, params, opt_state, step, skipped, resolved, preemption, writers, on_step)
+        # a GRPO stage makes its batches from rollouts of the parameters being trained
+        rl = GRPO(s, stage_dir, source, s.init_params, primary=_primary()) if stage.loss == "grpo" else None
+        return _loop(s, ckpts, source, params, opt_state, step, skipped, resolved, preemption, writers, on_step, rl)
     finally:
         if writers:
             writers.close()
+        if rl:
+            rl.close()
 
 
 def _standardize_encoder_output(s: Setup, source, params: dict) -> dict:
@@ -321,7 +331,7 @@ def audio_chunks(m: dict, spec: ModelSpec) -> float:
 
 
 def _loop(s: Setup, ckpts, source, params, opt_state, step, skipped, resolved, preemption, writers,
-          on_step) -> int:
+          on_step, rl: GRPO | None = None) -> int:
     stage, steps = s.stage, s.stage.steps
     bar = tqdm(total=steps, initial=step, desc=stage.name, unit="step", dynamic_ncols=True,
                disable=not (stage.log.progress and _primary()), file=sys.stderr)
@@ -332,10 +342,10 @@ def _loop(s: Setup, ckpts, source, params, opt_state, step, skipped, resolved, p
         bar.close()
         _say(f"preempted before step {step + 1}: nothing new to save; rerun the same command to resume")
         return EXIT_PREEMPTED
-    load = lambda done: next_batch(source, stage.accumulation, s.mesh, s.micro_rows, done,  # noqa: E731
-                                   stage.data.packing)
-    batch = load(step)
-    compiled, seconds = s.compile_step(params, opt_state, batch)
+    load = rl.batch if rl else (lambda done, _: next_batch(source, stage.accumulation, s.mesh,  # noqa: E731
+                                                                s.micro_rows, done, stage.data.packing))
+    batch = load(step, params)
+    compiled, seconds = s.compile_step(params, opt_state, batch, rl.loss_fn if rl else None)
     _say(f"  compiled the train step in {seconds:.1f} s")
     flops = s.step_flops(batch)
     peak = metrics_lib.peak_flops(s.mesh.devices.flat[0].device_kind, stage.log.peak_tflops)
@@ -348,7 +358,8 @@ def _loop(s: Setup, ckpts, source, params, opt_state, step, skipped, resolved, p
         # asked before loading more data: a preemption notice may have killed the data workers too.
         # After the last step the stage finishes anyway; a schedule then stops before its next stage.
         preempted = preemption.reached() and step < steps
-        batch = load(step) if step < steps and not preempted else None  # overlaps the device's work
+        saving, preempted = rl.boundary(step, preempted) if rl else (True, preempted)
+        batch = load(step, params) if step < steps and not preempted else None  # overlaps the device's work
         m = jax.device_get(metrics)
         now = time.perf_counter()
         elapsed, last = now - last, now
@@ -365,7 +376,7 @@ def _loop(s: Setup, ckpts, source, params, opt_state, step, skipped, resolved, p
                   "audio_s_per_s": audio_chunks(m, s.spec) * CHUNK_SECONDS / elapsed,
                   "loss_tokens": int(m["loss_tokens"]),
                   "mfu": flops / (elapsed * s.mesh.size * peak) if peak else None,
-                  "skipped": skipped, "time": time.time()}
+                  "skipped": skipped, "time": time.time(), **(rl.record(step, m) if rl else {})}
         if writers and (step % stage.log.every_steps == 0 or step == steps):
             writers.write(record)
         bar.update()
@@ -375,7 +386,8 @@ def _loop(s: Setup, ckpts, source, params, opt_state, step, skipped, resolved, p
 
         meta = {"step": step, "skipped": skipped, "stage": stage.name,
                 "process_count": jax.process_count(), "mesh": dict(s.mesh.shape)}
-        ckpts.save(step, params, opt_state, data_state, meta, resolved, force=preempted or step == steps)
+        if saving or step == steps:
+            ckpts.save(step, params, opt_state, data_state, meta, resolved, force=preempted or step == steps)
         if preempted:
             ckpts.wait()
             bar.close()
