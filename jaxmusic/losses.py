@@ -144,12 +144,13 @@ def grpo_objective(logp, old_logp, advantages, mask, *, ref_logp=None, microbatc
 def completion_log_probs(model, batch: dict, group_size: int):
     """Per-token log-probs and entropies `[B, N]` of a GRPO microbatch's completions.
 
-    Layout (`jaxmusic.train.rollout`): row b is a left-padded prompt of T positions, then the
-    N completion slots (`completion [B, N]`); `segment_ids` keep padding out of attention; the
-    `group_size` rows of a prompt share its chunk slots (one splice group per prompt, so its
-    audio is encoded once). With a frozen encoder the batch holds its output as the sampler
-    computed it (`audio_features`) instead of the audio. Logits are computed for the N
-    positions that predict the completion only (MuFun's vocabulary is 152k).
+    Layout (`jaxmusic.train.rollout`): row b is its prompt, then the N completion slots
+    (`completion [B, N]`), then padding, which causal attention keeps out of view; position
+    `completion_start [B]` predicts the first completion token. The `group_size` rows of a
+    prompt share its chunk slots (one splice group per prompt, so its audio is encoded once).
+    With a frozen encoder the batch holds its output as the sampler computed it
+    (`audio_features`) instead of the audio. Logits are computed for the N positions that
+    predict the completion only (MuFun's vocabulary is 152k).
     """
     if "audio_features" in batch:
         audio = model.connector(batch["audio_features"])
@@ -158,9 +159,10 @@ def completion_log_probs(model, batch: dict, group_size: int):
     groups = batch["input_ids"].shape[0] // group_size
     embeds = splice(model.llm.embed(batch["input_ids"]), audio, batch["audio_index"], batch["is_audio"],
                     groups=groups)
-    h, _ = model.llm.hidden(embeds, batch["positions"], mask=segment_attention_mask(batch["segment_ids"]))
+    h, _ = model.llm.hidden(embeds, batch["positions"])
     n = batch["completion"].shape[1]
-    logits = model.llm.logits(h[:, -n - 1:-1]).astype(jnp.float32)
+    at = batch["completion_start"][:, None] + jnp.arange(n)
+    logits = model.llm.logits(jnp.take_along_axis(h, at[..., None], axis=1)).astype(jnp.float32)
     with jax.named_scope("loss"):
         logp = token_log_probs(logits, batch["completion"])
         fixed = jax.lax.stop_gradient(logits)  # the entropy is a metric

@@ -21,7 +21,6 @@ import yaml
 from flax import nnx
 
 from jaxmusic import rewards as R
-from jaxmusic.data import segment_attention_mask
 from jaxmusic.losses import LOSSES, completion_log_probs, group_advantages, grpo_objective, next_token_log_probs
 from jaxmusic.train import optim, rollout
 from training_runs import final_item, lines, run_until, saved_steps
@@ -234,7 +233,7 @@ def test_sampler_is_deterministic_given_seed_and_step(tiny):
 
 def test_sampler_and_update_see_the_same_sequence(tiny):
     """With top_k=1 every sampled token is the argmax of the model's forward pass over the
-    finished batch (left-padded prompt, then the completion): same positions, masks and audio."""
+    finished batch (prompt, completion, padding; causal, no mask): same positions and audio."""
     sampled = _sample(tiny, top_k=1)
     assert (sampled[1] == 6).all() and not sampled[2].any()
     tokens, lengths, stopped, _ = _sample(tiny, top_k=1, stop=(int(sampled[0][0, 0]),))
@@ -249,9 +248,10 @@ def test_sampler_and_update_see_the_same_sequence(tiny):
     model = nnx.merge(tiny["graphdef"], tiny["params"])
     for a in range(2):
         mb = {k: v[a] for k, v in batch.items()}
-        logits = model(mb["mel"], mb["input_ids"], mb["audio_index"], mb["is_audio"], mb["positions"],
-                       mask=segment_attention_mask(mb["segment_ids"]), groups=2)
-        np.testing.assert_array_equal(np.asarray(jnp.argmax(logits[:, 31:37], -1)), np.asarray(mb["completion"]))
+        logits = model(mb["mel"], mb["input_ids"], mb["audio_index"], mb["is_audio"], mb["positions"], groups=2)
+        at = mb["completion_start"][:, None] + jnp.arange(6)
+        np.testing.assert_array_equal(np.asarray(jnp.argmax(jnp.take_along_axis(logits, at[..., None], 1), -1)),
+                                      np.asarray(mb["completion"]))
     # the update reads the sampler's encoder output instead of encoding again: the same log-probs
     reused, _ = _finish(tiny, sampled, scores, features=True)
     assert "mel" not in reused and reused["audio_features"].shape[:2] == (2, 4)
@@ -276,9 +276,12 @@ def test_one_update_is_reinforce_with_a_group_baseline(tiny):
 
     def reinforce(train):
         model = nnx.merge(tiny["graphdef"], optim.merge(train, frozen))
-        logits = model(mb["mel"], mb["input_ids"], mb["audio_index"], mb["is_audio"], mb["positions"],
-                       mask=segment_attention_mask(mb["segment_ids"]), groups=2)
-        labels = jnp.where(jnp.pad(mb["completion_mask"], ((0, 0), (32, 0))), mb["input_ids"], -100)
+        logits = model(mb["mel"], mb["input_ids"], mb["audio_index"], mb["is_audio"], mb["positions"], groups=2)
+        # completion token i sits at completion_start + 1 + i
+        at = mb["completion_start"][:, None] + 1 + jnp.arange(6)
+        rows = jnp.arange(mb["input_ids"].shape[0])[:, None]
+        labels = jnp.full(mb["input_ids"].shape, -100).at[rows, at].set(
+            jnp.where(mb["completion_mask"], mb["completion"], -100))
         logp, _ = next_token_log_probs(logits, labels)
         return -(mb["advantages"][:, None] * logp).sum() / mb["completion_mask"].sum()
 
@@ -450,8 +453,8 @@ MESH = ["steps=4", "batch.global_batch=32", "batch.microbatch=16", "log.progress
 
 
 def test_one_device_and_eight_devices_give_the_same_run(data, cache, tmp_path):
-    """1 device, and 8 (fsdp 4 x tensor 2: 4 data-parallel shards, one prompt's group each per
-    microbatch): the same completions, rewards, losses and gradient norms."""
+    """1 device, and 8 (data 2 x fsdp 2 x tensor 2: two replicas, 4 data-parallel shards, one
+    prompt's group each per microbatch): the same completions, rewards, losses and gradient norms."""
     r = subprocess.run([sys.executable, __file__, str(data), str(tmp_path)], env=_env(data, cache, devices=8),
                        capture_output=True, text=True, timeout=1800)
     assert r.returncode == 0, r.stderr[-4000:]
@@ -473,7 +476,7 @@ def _mesh_worker(data: Path, workdir: Path) -> None:
 
     assert len(jax.devices()) == 8
     one = C.load(data / "stage.yaml", MESH).stages[0]
-    eight = C.load(data / "stage.yaml", MESH + ["mesh.fsdp=4", "mesh.tensor=2"]).stages[0]
+    eight = C.load(data / "stage.yaml", MESH + ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"]).stages[0]
     assert run_stage(one, workdir / "one", devices=jax.devices()[:1]) == 0
     assert run_stage(eight, workdir / "eight") == 0
 

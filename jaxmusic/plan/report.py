@@ -48,6 +48,9 @@ def stage_text(plan: StagePlan, verbose: bool = False) -> str:
         f"temporaries (gradients, activations) {_gib(plan.temporaries)} GiB: peak {_gib(plan.peak)} of "
         f"{_gib(plan.pool)} GiB ({plan.peak / plan.pool:.0%}), "
         + (f"{_gib(plan.pool - plan.peak)} GiB headroom" if plan.fits else f"{_gib(plan.peak - plan.pool)} GiB short"),
+        *([f"  rollouts     the sampler with the optimizer state beside it: {_gib(plan.rollout_peak)} GiB "
+           f"({plan.rollout_peak / plan.pool:.0%}); the rest of this plan is the update's"]
+          if plan.rollout_peak else []),
         f"  FLOPs/GPU    {plan.compiled_flops:.3g} per step as compiled (matmuls "
         + ", ".join(f"{dt} {f:.3g}" for dt, f in sorted(plan.matmul_flops.items(), key=lambda kv: -kv[1]))
         + f"; cuDNN attention {plan.attention_flops:.3g}) = {plan.compiled_flops / plan.model_flops:.2f} x model "

@@ -86,7 +86,7 @@ def fit_stage(stage: StageConfig, gpu, nodes: int, gpus_per_node: int, jobs: int
 def plan_config(config: str, overrides: list[str], gpu, nodes: int, gpus_per_node: int, *, steps: int,
                 jobs: int | None = None, autofit: bool = False):
     """`(plans of every stage, {stage: autofit result or None})` of a stage or schedule file."""
-    stages = planning_stages(config_lib.load(config, overrides).stages, steps)
+    stages = planning_stages(config_lib.load(config, overrides, alone=True).stages, steps)
     plans = compile_all(stages, gpu, nodes, gpus_per_node, jobs)
     fixes = {}
     if autofit:

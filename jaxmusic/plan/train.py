@@ -29,7 +29,7 @@ from jaxmusic.data.packing import audio_key, chunk_shape
 from jaxmusic.errors import UserError
 from jaxmusic.plan import hlo
 from jaxmusic.plan.gpus import Gpu, cluster_devices
-from jaxmusic.train import optim
+from jaxmusic.train import grpo, optim
 from jaxmusic.train.config import ConfigError, InitSection, StageConfig
 from jaxmusic.train.state import resolve_model, with_shardings
 from jaxmusic.train.trainer import setup
@@ -106,6 +106,7 @@ class StagePlan:
     temporaries: int
     peak: int
     pool: int
+    rollout_peak: int | None      # a GRPO stage's sampler (it runs between updates, beside the optimizer state)
     # per device, per step
     compiled_flops: float
     matmul_flops: dict
@@ -184,17 +185,22 @@ def captured_stderr(lines: list[str]):
 
 
 def plan_stage(stage: StageConfig, gpu: Gpu, nodes: int, gpus_per_node: int, options: dict) -> StagePlan:
-    """Compile `stage`'s train step for `nodes x gpus_per_node` `gpu`s and measure it."""
+    """Compile `stage`'s train step for `nodes x gpus_per_node` `gpu`s and measure it (a GRPO
+    stage: its update on a batch of rollouts, and its sampler)."""
     devices = cluster_devices(gpu, nodes, gpus_per_node)
     s = setup(stage, devices=devices, devices_per_node=gpus_per_node)
-    batch = abstract_batch(s.stage, s.spec, s.micro_rows)
-    batch_sh = {k: sharding.batch_sharding(s.mesh, v.ndim) for k, v in batch.items()}
     params, opt = with_shardings(s.abstract, s.param_shardings), with_shardings(s.abstract_opt, s.opt_shardings)
     log: list[str] = []
     t0 = time.perf_counter()
     with captured_stderr(log):
-        compiled, _ = s.compile_step(params, opt, batch, compiler_options=options)
+        if stage.loss == "grpo":
+            batch, loss_fn, sampler = grpo_programs(s, params, options)
+            rollout_peak = _peak(sampler.memory_analysis()) + per_device_bytes(s.abstract_opt, s.opt_shardings)
+        else:
+            batch, loss_fn, rollout_peak = abstract_batch(s.stage, s.spec, s.micro_rows), None, None
+        compiled, _ = s.compile_step(params, opt, batch, loss_fn, compiler_options=options)
     seconds = time.perf_counter() - t0
+    batch_sh = {k: sharding.batch_sharding(s.mesh, v.ndim) for k, v in batch.items()}
     memory = compiled.memory_analysis()
     analysis = hlo.analyse(compiled.as_text())
     flows = traffic(analysis, gpus_per_node)
@@ -207,9 +213,7 @@ def plan_stage(stage: StageConfig, gpu: Gpu, nodes: int, gpus_per_node: int, opt
                                    optim.split(s.param_shardings, s.trainable)[0]),
         batch=per_device_bytes(batch, batch_sh),
         temporaries=memory.temp_size_in_bytes,
-        peak=(memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
-              + memory.temp_size_in_bytes),
-        pool=gpu.pool_bytes,
+        peak=max(_peak(memory), rollout_peak or 0), pool=gpu.pool_bytes, rollout_peak=rollout_peak,
         compiled_flops=analysis.flops, matmul_flops=analysis.matmul_flops, attention_flops=analysis.attention_flops,
         model_flops=s.step_flops(batch) / n, traffic=flows,
         off_data_axis=off_data_axis(analysis, gpus_per_node),
@@ -219,6 +223,34 @@ def plan_stage(stage: StageConfig, gpu: Gpu, nodes: int, gpus_per_node: int, opt
         network_s=sum(t.sent_bytes for t in flows if t.crosses_nodes) / (gpu.network_gbps * 1e9),
         audio_s_per_step=float(stage.batch.global_batch * stage.data.chunks_per_row * CHUNK_SECONDS),
         xla_log=log)
+
+
+def _peak(memory) -> int:
+    """Bytes a compiled program holds at once on a device: its arguments, outputs and temporaries."""
+    return (memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
+            + memory.temp_size_in_bytes)
+
+
+def grpo_programs(s, params, options):
+    """A GRPO stage's update batch (the shapes its finisher makes from the sampler's output),
+    its loss, and its sampler compiled for the cluster (`jaxmusic.train.grpo.programs`).
+
+    The finisher is not compiled: beside elementwise work it runs forward passes only (the
+    sampling policy's log-probs with `iterations` > 1, the reference's with `beta` > 0), which
+    hold less than the update's forward and backward pass."""
+    g = s.stage.grpo
+    prompts = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding.batch_sharding(s.mesh, v.ndim))
+               for k, v in abstract_batch(s.stage, s.spec, s.micro_rows // g.generations).items()
+               if k not in ("labels", "segment_ids")}
+    sample, finish, loss_fn = grpo.programs(s, [r["weight"] for r in g.rewards], (0,), 0)
+    key = jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype,
+                               sharding=sharding.replicated(s.mesh))
+    sampled = jax.eval_shape(sample, params, prompts, key)
+    rows = sampled[0].shape[0]
+    rewards = jax.ShapeDtypeStruct((rows, len(g.rewards)), jnp.float32)
+    reference = optim.split(params, s.trainable)[0] if g.beta else {}
+    batch, _ = jax.eval_shape(finish, params, reference, prompts, *sampled, rewards)
+    return batch, loss_fn, sample.lower(params, prompts, key).compile(options)
 
 
 def plan_stage_safely(args) -> StagePlan | str:

@@ -300,8 +300,9 @@ class Schedule:
     source: str  # the file it came from
 
 
-def load(path: str | Path, overrides: list[str] = ()) -> Schedule:
-    """A stage or schedule file (with overrides) -> the stages to run, validated."""
+def load(path: str | Path, overrides: list[str] = (), *, alone: bool = False) -> Schedule:
+    """A stage or schedule file (with overrides) -> the stages to run, validated. `alone`: the
+    first stage may start from `previous` (`jaxmusic plan` plans a stage from its shapes)."""
     path = Path(path)
     raw = load_yaml(path)
     parsed = [parse_override(o) for o in overrides]
@@ -333,7 +334,7 @@ def load(path: str | Path, overrides: list[str] = ()) -> Schedule:
             elif keys[1] == entry["name"]:
                 apply_override(d, keys[2:], value)
         d["name"] = entry["name"]
-        if i == 0 and d.get("init", {}).get("source") == "previous":
+        if i == 0 and d.get("init", {}).get("source") == "previous" and not alone:
             raise ConfigError(f"{path}: the first stage {entry['name']!r} cannot start from 'previous'")
         stages.append(stage_from_dict(d))
     if len({s.name for s in stages}) != len(stages):

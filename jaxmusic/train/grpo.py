@@ -47,6 +47,21 @@ from jaxmusic.train.batches import next_batch
 from jaxmusic.train.config import ConfigError
 
 
+def programs(setup, weights, stop: tuple[int, ...], pad_id: int):
+    """`(sample, finish, loss_fn)` of a GRPO stage (`jaxmusic.train.rollout`'s sampler and finisher,
+    the bound `jaxmusic.losses.grpo`), for the trainer's `Setup`, reward `weights` and the
+    tokenizer's stop and pad ids. `jaxmusic plan` compiles them as the trainer runs them."""
+    g = setup.stage.grpo
+    settings = rollout.Sampling(g.generations, g.max_new_tokens, g.temperature, g.top_p, g.top_k, tuple(stop), pad_id)
+    frozen_encoder = not any(path[0] == "whisper" for path in setup.trainable)
+    sample = rollout.sampler(setup.graphdef, settings, setup.mesh, frozen_encoder=frozen_encoder)
+    finish = rollout.finisher(setup.graphdef, setup.trainable, setup.mesh, generations=g.generations,
+                              weights=weights, aggregation=g.aggregation, old_logp=g.iterations > 1, beta=g.beta)
+    loss_fn = functools.partial(grpo_loss, group_size=g.generations, epsilon=g.epsilon,
+                                epsilon_high=g.epsilon_high, beta=g.beta, aggregation=g.aggregation)
+    return sample, finish, loss_fn
+
+
 class GRPO:
     """The rollout side of a GRPO stage; `jaxmusic.train.trainer` calls `batch`, `record` and `boundary`."""
 
@@ -66,15 +81,8 @@ class GRPO:
                               "so that every shard holds whole groups")
         self.prompts = prompts
         self.tokenizer = AutoTokenizer.from_pretrained(stage.data.tokenizer, local_files_only=True)
-        settings = rollout.Sampling(g.generations, g.max_new_tokens, g.temperature, g.top_p, g.top_k,
-                                    stop_ids(self.tokenizer), int(self.tokenizer.pad_token_id or 0))
-        frozen_encoder = not any(path[0] == "whisper" for path in setup.trainable)
-        self.sample = rollout.sampler(setup.graphdef, settings, setup.mesh, frozen_encoder=frozen_encoder)
-        self.finish = rollout.finisher(setup.graphdef, setup.trainable, setup.mesh, generations=g.generations,
-                                       weights=[r.weight for r in self.rewards], aggregation=g.aggregation,
-                                       old_logp=g.iterations > 1, beta=g.beta)
-        self.loss_fn = functools.partial(grpo_loss, group_size=g.generations, epsilon=g.epsilon,
-                                         epsilon_high=g.epsilon_high, beta=g.beta, aggregation=g.aggregation)
+        self.sample, self.finish, self.loss_fn = programs(
+            setup, [r.weight for r in self.rewards], stop_ids(self.tokenizer), int(self.tokenizer.pad_token_id or 0))
         # the reference: trainable parameters only (the frozen rest is the same), no optimizer state
         self.reference = optim.split(load_init(), setup.trainable)[0] if g.beta else {}
         self.samples = open(stage_dir / "samples.jsonl", "a") if primary and g.samples_every else None

@@ -15,11 +15,14 @@ ordered (prompt, microbatch, completion), so each data-parallel shard samples th
 its own prompts.
 
 `finisher` turns the rewards into group advantages and lays the rollouts out for the train
-step (`jaxmusic.losses.grpo`): per microbatch, the G rows of a prompt are its left-padded
-prompt followed by one completion each, sharing the prompt's chunk slots (one splice group
-per prompt, so the update also encodes the audio once per prompt). Sampling and training
-then see the same layout: completion token i sits at slot T + i with RoPE position
-`len + i`, and the padding before a prompt is masked out of attention.
+step (`jaxmusic.losses.grpo`): per microbatch, the G rows of a prompt are its prompt followed
+by one completion each, then the padding, sharing the prompt's chunk slots (one splice group
+per prompt, so the update also encodes the audio once per prompt). Sampling and training see
+the same sequence: completion token i has RoPE position `len + i` and attends to the prompt's
+tokens and the completion before it. With the padding at the end of a row, causal attention
+alone keeps it out of every real token's view: the update needs no mask, which keeps it on
+cuDNN's fused attention (whose batching rule cannot take a per-row mask under the train
+step's vmap over data-parallel replicas).
 """
 
 from __future__ import annotations
@@ -173,7 +176,12 @@ def finisher(graphdef: nnx.GraphDef, trainable: frozenset, mesh, *, generations:
             "microbatch_tokens": jnp.broadcast_to(mask.sum(axis=(1, 2))[:, None], mask.shape[:2]),
             "advantages": per_completion(group_advantages(total, g, scale=aggregation != "dr_grpo")),
             **{k: v for k, v in prompts.items() if k not in PROMPT_KEYS}}
-        batch["segment_ids"] = batch["attention_mask"].astype(jnp.int32)
+        # the prompt's left padding moves to the end of the row (module docstring)
+        prompt_len = per_row["attention_mask"].sum(-1)
+        source = (jnp.arange(t + n) + (t - prompt_len)[..., None]) % (t + n)  # [A, P * G, T + N]
+        for k in PROMPT_KEYS:
+            batch[k] = jnp.take_along_axis(batch[k], source, axis=-1)
+        batch["completion_start"] = prompt_len - 1  # the position whose logits predict completion token 0
         if features is not None:
             batch = {k: v for k, v in batch.items() if k not in ("mel", "wave")} | {"audio_features": features}
 
