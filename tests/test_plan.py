@@ -122,7 +122,7 @@ def test_one_gradient_reduction_per_step_crosses_nodes(full_plan):
         across = [t for t in s["traffic"] if t["crosses_nodes"]]
         sent = sum(t["sent_bytes"] for t in across)
         # an all-reduce over 2 GPUs sends each one's whole buffer: the trainable gradients once;
-        # reached 2026-12-04: P3 and P4 4.15 GiB per GPU per step (before: 47.2 GiB), 1.00 x
+        # reached 2026-12-04: P3 and P4 4.15 GiB per GPU per step (before: 42.8 GiB), 1.00 x
         assert {t["kind"] for t in across} == {"all-reduce"}, (s["name"], across)
         assert 0.99 * s["gradients"] <= sent <= 1.1 * s["gradients"], (s["name"], sent / s["gradients"])
 

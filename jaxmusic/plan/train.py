@@ -221,7 +221,9 @@ def plan_stage(stage: StageConfig, gpu: Gpu, nodes: int, gpus_per_node: int, opt
         compute_s=analysis.flops / (gpu.peak_tflops * 1e12),
         nvlink_s=sum(t.sent_bytes for t in flows if not t.crosses_nodes) / (gpu.nvlink_gbps * 1e9),
         network_s=sum(t.sent_bytes for t in flows if t.crosses_nodes) / (gpu.network_gbps * 1e9),
-        audio_s_per_step=float(stage.batch.global_batch * stage.data.chunks_per_row * CHUNK_SECONDS),
+        # a GRPO stage's completions share their prompt's audio
+        audio_s_per_step=float(stage.batch.global_batch // (stage.grpo.generations if stage.loss == "grpo" else 1)
+                               * stage.data.chunks_per_row * CHUNK_SECONDS),
         xla_log=log)
 
 
