@@ -1,6 +1,6 @@
 """jaxmusic checkpoints -> Hugging Face folders `from_pretrained` loads, streamed.
 
-* `export_hf`: one backbone, `llm` as `Qwen3ForCausalLM`, `whisper` under
+* `export_hf`: one backbone, `llm` as `Qwen3ForCausalLM` (or `Qwen2ForCausalLM`), `whisper` under
   `WhisperForConditionalGeneration` names (with the decoder copied from the original
   Whisper folder when given, else an encoder-only folder);
 * `export_mufun`: a whole MuFun in the released layout that MuFun's PyTorch code loads.
@@ -32,6 +32,7 @@ from jaxmusic.checkpoints.safetensors import (DTYPES, HFWeights, SafetensorsWrit
 from jaxmusic.models import mufun
 
 HF_CLASSES = {"whisper": "WhisperForConditionalGeneration", "llm": "Qwen3ForCausalLM"}  # what export writes
+LLM_CLASSES = {"qwen3": "Qwen3ForCausalLM", "qwen2": "Qwen2ForCausalLM"}  # by the LLM config's model_type
 
 
 @dataclasses.dataclass(frozen=True)
@@ -196,7 +197,8 @@ def export_hf(ckpt: str | os.PathLike, out: str | os.PathLike, part: str, *,
             config["dtype"] = np.dtype(info["source_dtype"]).name
             if "torch_dtype" in config:  # transformers 4.x name of the same field
                 config["torch_dtype"] = config["dtype"]
-            config["architectures"] = [HF_CLASSES[part]]
+            config["architectures"] = [LLM_CLASSES.get(config.get("model_type") or "qwen3", HF_CLASSES[part])
+                                       if part == "llm" else HF_CLASSES[part]]
             _write_config(tmp, config)
             tokenizer = ckpt / info.get("tokenizer", f"tokenizer/{part}")
             if tokenizer.is_dir():
