@@ -1,7 +1,8 @@
 """Asking MuFun about songs, and scoring candidate answers: the engine behind `jaxmusic ask`/`score`.
 
 A request is some audio files (each with an optional `[start, end]` crop) and a question.
-The host decodes and chunks the audio, renders the `qwen2_instruct` prompt and lays the
+The host decodes and chunks the audio, renders the model's prompt template (MuFun's
+`qwen2_instruct`, Qwen2-Audio's `chatml`) and lays the
 batch out with `splice_plan.build_splice_plan` (lengths and chunk counts in buckets, so new
 inputs rarely compile anew); the device computes the spliced embeddings in one jitted
 call and `jaxmusic.generate` runs the KV-cache decode loop.
@@ -76,8 +77,9 @@ def _released_cache(folder: Path) -> Path:
 
 
 def resolve_checkpoint(path: str | os.PathLike, mufun_config: str | None = None) -> Path:
-    """A jaxmusic checkpoint folder for `path`, importing a released MuFun folder (with the glue
-    settings of `mufun_config`, default jaxmusic/configs/mufun.yaml) or a Hugging Face Qwen3
+    """A jaxmusic checkpoint folder for `path`, importing a released MuFun or Qwen2-Audio folder
+    (with the glue settings of `mufun_config`, default jaxmusic/configs/mufun.yaml or
+    qwen2_audio.yaml) or a Hugging Face Qwen3
     folder (an LLM-only checkpoint, e.g. `jaxmusic eval --judge`) once if needed."""
     from jaxmusic import checkpoints
 
@@ -92,18 +94,19 @@ def resolve_checkpoint(path: str | os.PathLike, mufun_config: str | None = None)
             model_type = json.loads(config.read_text()).get("model_type")
         except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
             model_type = None
-        if model_type in ("tinyllava", "qwen3"):
+        if model_type in ("tinyllava", "qwen2_audio", "qwen3"):
             cached = _released_cache(folder)
             if not (cached / checkpoints.META_FILE).is_file():
-                what = "released MuFun" if model_type == "tinyllava" else "Qwen3"
+                what = {"tinyllava": "released MuFun", "qwen2_audio": "Qwen2-Audio"}.get(model_type, "Qwen3")
                 print(f"importing {what} folder {folder} into {cached} (once)")
-                if model_type == "tinyllava":
-                    checkpoints.import_mufun(cached, folder, mufun_config=mufun_config)
-                else:
+                if model_type == "qwen3":
                     checkpoints.import_hf(cached, llm=str(folder))
+                else:
+                    checkpoints.import_released(cached, folder, glue_config=mufun_config)
             return cached
     raise UserError(f"{path}: neither a jaxmusic checkpoint ({checkpoints.META_FILE}) nor a released "
-                    "MuFun folder (config.json with model_type 'tinyllava') nor a Qwen3 folder")
+                    "MuFun or Qwen2-Audio folder (config.json with model_type 'tinyllava' or 'qwen2_audio') "
+                    "nor a Qwen3 folder")
 
 
 def load(path: str | os.PathLike, opts: ModelOptions = ModelOptions(), mufun_config: str | None = None) -> Loaded:
@@ -174,9 +177,9 @@ def layout_batch(loaded: Loaded, texts: Sequence[templates.TokenizedText], mels:
     return plan, jnp.asarray(chunks)
 
 
-def _encode(fn, req: Request, *args):
+def _encode(fn, req: Request, *args, **kw):
     try:
-        return fn(*args)
+        return fn(*args, **kw)
     except templates.TemplateError as e:
         raise UserError(str(e)) from None
 
@@ -188,7 +191,8 @@ def ask(loaded: Loaded, requests: Sequence[Request], *, max_new_tokens: int = 25
         on_text: Callable[[int, str], None] | None = None) -> list[str]:
     """Answer a batch of requests; `on_text(row, new_text)` streams each row's text as it grows."""
     tok = loaded.tokenizer
-    texts = [_encode(templates.encode_prompt, r, r.question, len(r.audio), tok) for r in requests]
+    texts = [_encode(templates.encode_prompt, r, r.question, len(r.audio), tok, template=loaded.cfg.prompt_template)
+             for r in requests]
     mels = [request_mels(loaded, r) for r in requests]
     plan, chunks = layout_batch(loaded, texts, mels)
     embeds = embed_batch(loaded.model, chunks, jnp.asarray(plan.input_ids), jnp.asarray(plan.audio_index),
@@ -225,12 +229,13 @@ class OptionScore:
 
 
 def score(loaded: Loaded, request: Request, options: Sequence[str]) -> list[OptionScore]:
-    """Log-likelihood of each candidate answer under the `qwen2_instruct` template."""
+    """Log-likelihood of each candidate answer under the model's prompt template."""
     if not options:
         raise UserError("give at least one --option to score")
     tok = loaded.tokenizer
     n_audio = len(request.audio)
-    texts = [_encode(templates.encode_scoring, request, request.question, o, n_audio, tok) for o in options]
+    texts = [_encode(templates.encode_scoring, request, request.question, o, n_audio, tok,
+                     template=loaded.cfg.prompt_template) for o in options]
     mel = request_mels(loaded, request)
     plan, chunks = layout_batch(loaded, texts, [mel] * len(options))
     logits = spliced_logits(loaded.model, chunks, jnp.asarray(plan.input_ids), jnp.asarray(plan.audio_index),

@@ -142,10 +142,11 @@ def _generate(loaded, items: Sequence[Item], mels, batch_size: int) -> list[str]
     from jaxmusic.generate import generate
 
     tok = loaded.tokenizer
-    texts = [templates.encode_prompt(it.prompt, len(it.audio), tok) for it in items]
+    template = loaded.cfg.prompt_template
+    texts = [templates.encode_prompt(it.prompt, len(it.audio), tok, template=template) for it in items]
     # generate compiles per batch size: pad with text-only rows, which cost the encoder nothing
     pad = batch_size - len(items)
-    filler = templates.encode_prompt(".", 0, tok)
+    filler = templates.encode_prompt(".", 0, tok, template=template)
     plan, chunks = inference.layout_batch(loaded, texts + [filler] * pad, list(mels) + [[]] * pad)
     embeds = inference.embed_batch(loaded.model, chunks, np.asarray(plan.input_ids), np.asarray(plan.audio_index),
                               np.asarray(plan.is_audio))
@@ -182,7 +183,8 @@ def _loglik(loaded, items: Sequence[Item], mels, batch_size: int) -> list[list[f
     texts, owner = [], []
     for j, it in enumerate(items):
         prompt = it.prompt
-        texts += [templates.encode_scoring(prompt, c, len(it.audio), tok) for c in it.choices]
+        texts += [templates.encode_scoring(prompt, c, len(it.audio), tok, template=cfg.prompt_template)
+                  for c in it.choices]
         owner += [j] * len(it.choices)
     # rows padded (with copies of row 0) to a size that is the same for every full batch
     rows = _pad_to(max(len(texts), batch_size * max(len(it.choices) for it in items)))
@@ -250,7 +252,7 @@ def prepare_item(loaded, item: Item, mode: str):
     except (UserError, OSError, RuntimeError, ValueError) as e:  # AudioError is a UserError
         return None, where + (str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}")
     tok, cfg = loaded.tokenizer, loaded.cfg
-    prompt = templates.encode_prompt(item.prompt, len(item.audio), tok)
+    prompt = templates.encode_prompt(item.prompt, len(item.audio), tok, template=cfg.prompt_template)
     answer = 1 + (max(len(tok(c, add_special_tokens=False)["input_ids"]) for c in item.choices)
                   if mode == "loglik" else 0)
     n_chunks = sum(map(len, mels))

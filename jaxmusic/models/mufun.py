@@ -6,6 +6,19 @@
       -> connector (Linear -> exact GELU -> Linear)            [N, 300, d_llm]
       -> splice into the text embeddings at each <audio>       [B, L, d_llm]
 
+The same module is Qwen2-Audio (Chu et al. 2024, arXiv 2407.10759; transformers'
+`Qwen2AudioForConditionalGeneration`) under other settings of `MuFunConfig`
+(`jaxmusic/configs/qwen2_audio.yaml`; its released layout lives in
+`jaxmusic.models.qwen2_audio`):
+
+    encoder -> last block's raw output [N, 1500, d_enc]
+      -> pool (mean, kernel 2, stride 2), then the encoder's final LayerNorm  [N, 750, d_enc]
+      -> connector (one Linear with bias)                                       [N, 750, d_llm]
+      -> Qwen2 (the Qwen3 module with q/k/v biases and no q/k norm)
+
+`pooling` ("fuse_then_pool" | "pool_then_norm") and `connector` ("mlp" | "linear") select
+the glue, the LLM config's `model_type` the decoder, `prompt_template` the prompt.
+
 The glue (fusion, pooling, connector, splice) is pure functions of (params, arrays); the
 `MuFun` module only owns the parameters of its three parts, `whisper`, `connector` and
 `llm`, and wires them together. Its attribute names are the checkpoint's part names, so
@@ -34,10 +47,13 @@ from jaxmusic.models.hf_mapping import HFTensor
 from jaxmusic.models.qwen3 import Qwen3Config, Qwen3ForCausalLM
 from jaxmusic.models.whisper import WhisperEncoder, WhisperEncoderConfig
 from jaxmusic.nn import ModelOptions, linear
-from jaxmusic.templates import AUDIO_PLACEHOLDER
+from jaxmusic.templates import AUDIO_PLACEHOLDER, INFERENCE_TEMPLATES
 
 PARTS = ("whisper", "connector", "llm")  # in data-flow order
 CONNECTOR_INITS = ("normal", "torch_linear")
+POOLINGS = ("fuse_then_pool", "pool_then_norm")
+CONNECTORS = ("mlp", "linear")
+LAYOUTS = ("mufun", "qwen2-audio")  # released HF layouts (convert/jax_to_hf.py --part)
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "mufun.yaml"  # the released model's
 
 
@@ -45,6 +61,10 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "mufun.yam
 class MuFunConfig:
     """The glue's settings; `jaxmusic/configs/mufun.yaml` documents the released model's values."""
 
+    pooling: str = "fuse_then_pool"     # "fuse_then_pool" (MuFun) | "pool_then_norm" (Qwen2-Audio)
+    connector: str = "mlp"              # "mlp": Linear-GELU-Linear (MuFun) | "linear" (Qwen2-Audio)
+    prompt_template: str = "qwen2_instruct"  # jaxmusic.templates: how ask/score/eval render prompts
+    layout: str = "mufun"               # the released HF layout the model is exported to
     fusion_layers: tuple[int, ...] = (0, 7, 15, 32)
     pool_kernel: int = 5
     pool_stride: int = 5
@@ -62,6 +82,13 @@ class MuFunConfig:
             raise ValueError(f"fusion_layers must be non-empty hidden-state indices >= 0, got {self.fusion_layers}")
         if self.pool_kernel < 1 or self.pool_stride < 1 or self.connector_hidden_multiple < 1:
             raise ValueError("pool_kernel, pool_stride and connector_hidden_multiple must be >= 1")
+        for name, allowed in (("pooling", POOLINGS), ("connector", CONNECTORS), ("layout", LAYOUTS),
+                              ("prompt_template", INFERENCE_TEMPLATES)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.pooling == "pool_then_norm" and len(self.fusion_layers) != 1:
+            raise ValueError(f"pooling 'pool_then_norm' reads one layer (the last), got fusion_layers "
+                             f"{list(self.fusion_layers)}")
         if self.connector_init not in CONNECTOR_INITS:
             raise ValueError(f"connector_init must be one of {CONNECTOR_INITS}, got {self.connector_init!r}")
         for name in ("chunk_buckets", "length_buckets"):
@@ -88,11 +115,18 @@ class MuFunConfig:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in vars(self).items()}
 
     def check_encoder_depth(self, n_layers: int) -> None:
-        """Fusion indices address hidden states 0..n_layers (0 = embeddings, n_layers = final LN)."""
+        """Fusion indices address hidden states 0..n_layers (0 = embeddings, n_layers = final LN);
+        "pool_then_norm" reads the last layer only."""
         _check_layers(self.fusion_layers, n_layers)
+        if self.pooling == "pool_then_norm" and tuple(self.fusion_layers) != (n_layers,):
+            raise ValueError(f"pooling 'pool_then_norm' reads the last layer: fusion_layers must be "
+                             f"[{n_layers}], got {list(self.fusion_layers)}")
 
-    def connector_dims(self, d_enc: int, d_llm: int) -> tuple[int, int, int]:
+    def connector_dims(self, d_enc: int, d_llm: int) -> tuple[int, ...]:
+        """Widths along the connector: `(in, hidden, out)` for "mlp", `(in, out)` for "linear"."""
         d_in = len(self.fusion_layers) * d_enc
+        if self.connector == "linear":
+            return d_in, d_llm
         return d_in, self.connector_hidden_multiple * d_in, d_llm
 
     def tokens_per_chunk(self, n_frames: int) -> int:
@@ -160,31 +194,56 @@ def connector_init(key: jax.Array, d_in: int, d_hidden: int, d_out: int, dtype=j
             "linear2": linear_init(keys[2], keys[3], d_hidden, d_out)}
 
 
+def linear_connector_init(key: jax.Array, d_in: int, d_out: int, dtype=jnp.float32, *,
+                          scheme: str = "normal", std: float = 0.02) -> dict:
+    """The "linear" connector `{"linear": {weight [out, in], bias}}`, drawn like `connector_init`'s
+    first Linear (Qwen2-Audio's projector is one `nn.Linear` with bias)."""
+    params = connector_init(key, d_in, d_out, d_out, dtype, scheme=scheme, std=std)
+    return {"linear": params["linear1"]}
+
+
 def init_connector(cfg: MuFunConfig, key: jax.Array, d_enc: int, d_llm: int, dtype=jnp.float32) -> dict:
-    """`connector_init` with the sizes and scheme from `cfg`."""
-    return connector_init(key, *cfg.connector_dims(d_enc, d_llm), dtype,
-                          scheme=cfg.connector_init, std=cfg.connector_init_std)
+    """`connector_init` (or `linear_connector_init`) with the sizes and scheme from `cfg`."""
+    init = linear_connector_init if cfg.connector == "linear" else connector_init
+    return init(key, *cfg.connector_dims(d_enc, d_llm), dtype, scheme=cfg.connector_init, std=cfg.connector_init_std)
 
 
 def connector_apply(params: dict, x: jax.Array, dtype=jnp.float32) -> jax.Array:
-    """Linear -> GELU (exact erf form, torch's default) -> Linear; no norm, no residual."""
+    """Linear -> GELU (exact erf form, torch's default) -> Linear; no norm, no residual.
+    A "linear" connector (`{"linear": ...}`) is its one Linear."""
     with jax.named_scope("connector"):
+        if "linear" in params:
+            return linear(x, params["linear"]["weight"], params["linear"]["bias"], dtype)
         p1, p2 = params["linear1"], params["linear2"]
         h = jax.nn.gelu(linear(x, p1["weight"], p1["bias"], dtype), approximate=False)
         return linear(h, p2["weight"], p2["bias"], dtype)
 
 
-def audio_embeddings(encoder, connector_params: dict, mel: jax.Array, cfg: MuFunConfig,
-                     dtype=None) -> jax.Array:
-    """Chunks `[N, n_mels, frames]` -> audio tokens `[N, T', d_llm]` (encoder -> fuse -> pool -> connector).
+def encoder_features(encoder, mel: jax.Array, cfg: MuFunConfig) -> jax.Array:
+    """Chunks `[N, n_mels, frames]` -> the pooled encoder features the connector reads `[N, T', F]`.
 
-    `encoder(mel)` must return all hidden states stacked `[L+1, N, T, D]`. The connector runs
-    in `dtype`, by default the encoder's output dtype.
+    "fuse_then_pool" (MuFun): `encoder(mel)` (all hidden states `[L+1, N, T, D]`), the fusion
+    layers concatenated, then mean-pooled. "pool_then_norm" (Qwen2-Audio, whose encoder pools
+    *before* its final LayerNorm): the last block's raw output mean-pooled, then the norm.
     """
+    if cfg.pooling == "pool_then_norm":
+        last = encoder.last_block_output(mel)
+        with jax.named_scope("pool"):
+            pooled = pool(last, cfg.pool_kernel, cfg.pool_stride)
+        return encoder.final_norm(pooled)
     hidden = encoder(mel)
     with jax.named_scope("fuse_pool"):
-        pooled = pool(fuse(hidden, cfg.fusion_layers), cfg.pool_kernel, cfg.pool_stride)
-    return connector_apply(connector_params, pooled, dtype or hidden.dtype)
+        return pool(fuse(hidden, cfg.fusion_layers), cfg.pool_kernel, cfg.pool_stride)
+
+
+def audio_embeddings(encoder, connector_params: dict, mel: jax.Array, cfg: MuFunConfig,
+                     dtype=None) -> jax.Array:
+    """Chunks `[N, n_mels, frames]` -> audio tokens `[N, T', d_llm]` (encoder -> pooling -> connector).
+
+    The connector runs in `dtype`, by default the encoder's output dtype.
+    """
+    features = encoder_features(encoder, mel, cfg)
+    return connector_apply(connector_params, features, dtype or features.dtype)
 
 
 def splice(text_embeds: jax.Array, audio_embeds: jax.Array, audio_index: jax.Array,
@@ -211,19 +270,25 @@ def splice(text_embeds: jax.Array, audio_embeds: jax.Array, audio_index: jax.Arr
 # ------------------------------------------------------------------------------ the module
 
 class Connector(nnx.Module):
-    """The connector's two Linears (`weight [out, in]`, `bias`), initialised by `init_connector`."""
+    """The connector's Linears (`weight [out, in]`, `bias`): "linear1" and "linear2" for the
+    "mlp" connector, "linear" for the "linear" one; initialised by `init_connector`."""
+
+    # The single Linear shards its output like the MLP's hidden side (tensor-parallel) and its
+    # input like the MLP's (the encoder features).
+    AXES = {"linear1": ("connector_mlp", "audio_embed"), "linear2": ("embed", "connector_mlp"),
+            "linear": ("connector_mlp", "audio_embed")}
 
     def __init__(self, cfg: MuFunConfig, d_enc: int, d_llm: int, opts: ModelOptions, rngs: nnx.Rngs):
         params = init_connector(cfg, rngs.params(), d_enc, d_llm, opts.param_dtype)
-        axes = {"linear1": ("connector_mlp", "audio_embed"), "linear2": ("embed", "connector_mlp")}
         for name, p in params.items():
-            setattr(self, name, nnx.Dict(weight=nnx.Param(p["weight"], axes=axes[name]),
-                                         bias=nnx.Param(p["bias"], axes=axes[name][:1])))
+            setattr(self, name, nnx.Dict(weight=nnx.Param(p["weight"], axes=self.AXES[name]),
+                                         bias=nnx.Param(p["bias"], axes=self.AXES[name][:1])))
+        self.names = tuple(params)
         self.dtype = opts.dtype
 
     def params(self) -> dict:
         return {name: {"weight": getattr(self, name)["weight"][...], "bias": getattr(self, name)["bias"][...]}
-                for name in ("linear1", "linear2")}
+                for name in self.names}
 
     def __call__(self, x):
         return connector_apply(self.params(), x, self.dtype)
@@ -261,13 +326,19 @@ RELEASED_PREFIXES = {"whisper": "vision_tower._vision_tower.", "connector": "con
                      "llm": "language_model."}
 
 
-def connector_hf_tensors() -> list[HFTensor]:
-    """The connector's tensors, relative to `RELEASED_PREFIXES["connector"]`."""
-    return [HFTensor((lin, name), f"{lin}.{name}") for lin in ("linear1", "linear2") for name in ("weight", "bias")]
+def connector_hf_tensors(kind: str = "mlp") -> list[HFTensor]:
+    """The connector's tensors, relative to the released layout's connector prefix (MuFun's
+    `RELEASED_PREFIXES["connector"]`, Qwen2-Audio's `multi_modal_projector.`)."""
+    names = ("linear",) if kind == "linear" else ("linear1", "linear2")
+    return [HFTensor((lin, name), f"{lin}.{name}") for lin in names for name in ("weight", "bias")]
 
 
 def connector_config(cfg: MuFunConfig, d_enc: int, d_llm: int) -> dict:
-    """The connector's entry of a released config (`connector_type` "blp_<n>i_<m>x" and sizes)."""
+    """The connector's entry of a checkpoint (`connector_type` and sizes): "blp_<n>i_<m>x" (MuFun's
+    released name) for the "mlp" connector, "linear" for the one-Linear connector."""
+    if cfg.connector == "linear":
+        d_in, d_out = cfg.connector_dims(d_enc, d_llm)
+        return {"connector_type": "linear", "input_size": d_in, "output_size": d_out}
     d_in, d_hidden, d_out = cfg.connector_dims(d_enc, d_llm)
     return {"connector_type": f"blp_{len(cfg.fusion_layers)}i_{cfg.connector_hidden_multiple}x",
             "input_size": d_in, "hidden_size": d_hidden, "output_size": d_out}
