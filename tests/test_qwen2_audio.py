@@ -77,3 +77,118 @@ def test_qwen2_logits_generate_round_trip(qwen2_pair):
     assert set(back) == set(sd)
     for k, v in sd.items():
         assert np.array_equal(back[k], v), k
+
+
+# ------------------------------------------------------------------ the whole Qwen2-Audio
+
+QUESTION = "What is playing?"
+
+
+def _torch_qwen2_audio(tokenizer):
+    torch.manual_seed(5)
+    audio = dict(num_mel_bins=128, d_model=32, encoder_layers=2, encoder_attention_heads=2, encoder_ffn_dim=64,
+                 max_source_positions=1500)
+    cfg = transformers.Qwen2AudioConfig(audio_config=audio, text_config=qwen2_config(len(tokenizer) + 1).to_dict(),
+                                        audio_token_id=len(tokenizer))  # an id no text tokenises to
+    model = transformers.Qwen2AudioForConditionalGeneration(cfg).eval()
+    _randomize_norms(model)
+    return model
+
+
+@pytest.fixture(scope="module")
+def released(tmp_path_factory):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import soundfile as sf
+
+    from jaxmusic import templates
+    from jaxmusic.demo.tokenizer import train_tokenizer
+
+    root = tmp_path_factory.mktemp("qwen2_audio")
+    chat = templates.inference_prompt("<audio>\n" + QUESTION, 1, template="chatml")
+    tokenizer = train_tokenizer([chat, "a piano a guitar drums"], vocab_size=300)
+    hf = _torch_qwen2_audio(tokenizer)
+    hf.save_pretrained(root / "released", safe_serialization=True)
+    tokenizer.save_pretrained(str(root / "released"))
+    t = np.arange(30 * 16000) / 16000  # one whole 30 s chunk: Qwen2-Audio's 750 tokens, nothing masked
+    sf.write(root / "song.wav", (0.3 * np.sin(2 * np.pi * 220 * t * (1 + 0.1 * np.sin(t)))).astype(np.float32), 16000)
+    repo = Path(__file__).resolve().parent.parent
+    proc = subprocess.run([sys.executable, str(repo / "convert" / "hf_to_jax.py"), "--qwen2-audio",
+                           str(root / "released"), "--out", str(root / "ckpt")], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    return root, hf, repo
+
+
+def _hf_inputs(loaded, hf, text, mels):
+    """transformers' inputs for our tokenised prompt: `<|AUDIO|>` once per pooled frame, as its processor expands it."""
+    ids = []
+    for i, piece in enumerate(text.pieces):
+        ids += list(piece)
+        if i < len(mels):
+            ids += [hf.config.audio_token_id] * (len(mels[i]) * loaded.cfg.tokens_per_chunk(loaded.frames // 2))
+    features = torch.from_numpy(np.concatenate(mels))
+    return dict(input_ids=torch.tensor([ids]), input_features=features,
+                feature_attention_mask=torch.ones(features.shape[0], features.shape[2], dtype=torch.long))
+
+
+def test_qwen2_audio_logits_generate_score(released):
+    from jaxmusic import inference, templates
+
+    root, hf, _ = released
+    loaded = inference.load(root / "ckpt")
+    assert loaded.cfg.tokens_per_chunk(1500) == 750
+    request = inference.Request(QUESTION, (str(root / "song.wav"),))
+    mels = inference.request_mels(loaded, request)
+    text = templates.encode_prompt(QUESTION, 1, loaded.tokenizer, template="chatml")
+    inputs = _hf_inputs(loaded, hf, text, mels)
+    with torch.no_grad():
+        ref = hf(**inputs).logits[0].numpy()
+    plan, chunks = inference.layout_batch(loaded, [text], [mels])
+    n = plan.lengths[0]
+    assert n == ref.shape[0] == sum(len(p) for p in text.pieces) + 750
+    ours = np.asarray(inference.spliced_logits(loaded.model, chunks, plan.input_ids, plan.audio_index, plan.is_audio,
+                                               plan.positions, plan.attention_mask))[0, :n]
+    # reached: 2.1e-6 max-abs over all positions and the vocabulary (logits up to 3.4)
+    np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=0)
+
+    with torch.no_grad():
+        want = hf.generate(**inputs, do_sample=False, max_new_tokens=16)[0, n:].tolist()
+    embeds = inference.embed_batch(loaded.model, chunks, plan.input_ids, plan.audio_index, plan.is_audio)
+    got = generate(nnx.split(loaded.model.llm), embeds, plan.lengths, max_new_tokens=16)[0]
+    assert got == want
+
+    options = ["a piano", "drums"]
+    for option, s in zip(options, inference.score(loaded, request, options)):
+        scored = templates.encode_scoring(QUESTION, option, 1, loaded.tokenizer, template="chatml")
+        with torch.no_grad():
+            logp = torch.log_softmax(hf(**_hf_inputs(loaded, hf, scored, mels)).logits[0], -1).numpy()
+        last, mask = scored.pieces[-1], scored.loss_masks[-1]
+        offset = logp.shape[0] - len(last)
+        ref_lp = [logp[offset + j - 1, last[j]] for j in np.flatnonzero(mask)]
+        # reached: 9.5e-7 on per-token log-likelihoods
+        np.testing.assert_allclose(s.per_token, ref_lp, atol=1e-3)
+
+
+def test_qwen2_audio_export_round_trip_is_bit_exact(released, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from safetensors.numpy import load_file
+
+    root, hf, repo = released
+    out = tmp_path / "exported"
+    proc = subprocess.run([sys.executable, str(repo / "convert" / "jax_to_hf.py"), str(root / "ckpt"),
+                           "--out", str(out)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    original = load_file(root / "released" / "model.safetensors")
+    exported = {k: v for f in sorted(out.glob("*.safetensors")) for k, v in load_file(f).items()}
+    assert set(exported) == set(original)
+    for k, v in original.items():
+        assert exported[k].dtype == v.dtype and np.array_equal(exported[k], v), k
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "qwen2_audio" and config["audio_token_index"] == hf.config.audio_token_id
+    reloaded = transformers.Qwen2AudioForConditionalGeneration.from_pretrained(out)
+    assert reloaded.config.text_config.hidden_size == hf.config.text_config.hidden_size

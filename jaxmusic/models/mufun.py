@@ -78,7 +78,11 @@ class MuFunConfig:
     def __post_init__(self):
         for name in ("fusion_layers", "chunk_buckets", "length_buckets"):
             object.__setattr__(self, name, tuple(int(v) for v in getattr(self, name)))
-        if not self.fusion_layers or min(self.fusion_layers) < 0:
+        if self.pooling == "pool_then_norm":
+            if self.fusion_layers:
+                raise ValueError("pooling 'pool_then_norm' reads the last block: fusion_layers must be [], got "
+                                 f"{list(self.fusion_layers)}")
+        elif not self.fusion_layers or min(self.fusion_layers) < 0:
             raise ValueError(f"fusion_layers must be non-empty hidden-state indices >= 0, got {self.fusion_layers}")
         if self.pool_kernel < 1 or self.pool_stride < 1 or self.connector_hidden_multiple < 1:
             raise ValueError("pool_kernel, pool_stride and connector_hidden_multiple must be >= 1")
@@ -86,9 +90,6 @@ class MuFunConfig:
                               ("prompt_template", INFERENCE_TEMPLATES)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
-        if self.pooling == "pool_then_norm" and len(self.fusion_layers) != 1:
-            raise ValueError(f"pooling 'pool_then_norm' reads one layer (the last), got fusion_layers "
-                             f"{list(self.fusion_layers)}")
         if self.connector_init not in CONNECTOR_INITS:
             raise ValueError(f"connector_init must be one of {CONNECTOR_INITS}, got {self.connector_init!r}")
         for name in ("chunk_buckets", "length_buckets"):
@@ -115,16 +116,12 @@ class MuFunConfig:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in vars(self).items()}
 
     def check_encoder_depth(self, n_layers: int) -> None:
-        """Fusion indices address hidden states 0..n_layers (0 = embeddings, n_layers = final LN);
-        "pool_then_norm" reads the last layer only."""
+        """Fusion indices address hidden states 0..n_layers (0 = embeddings, n_layers = final LN)."""
         _check_layers(self.fusion_layers, n_layers)
-        if self.pooling == "pool_then_norm" and tuple(self.fusion_layers) != (n_layers,):
-            raise ValueError(f"pooling 'pool_then_norm' reads the last layer: fusion_layers must be "
-                             f"[{n_layers}], got {list(self.fusion_layers)}")
 
     def connector_dims(self, d_enc: int, d_llm: int) -> tuple[int, ...]:
         """Widths along the connector: `(in, hidden, out)` for "mlp", `(in, out)` for "linear"."""
-        d_in = len(self.fusion_layers) * d_enc
+        d_in = d_enc if self.pooling == "pool_then_norm" else len(self.fusion_layers) * d_enc
         if self.connector == "linear":
             return d_in, d_llm
         return d_in, self.connector_hidden_multiple * d_in, d_llm
