@@ -192,3 +192,17 @@ def test_qwen2_audio_export_round_trip_is_bit_exact(released, tmp_path):
     assert config["model_type"] == "qwen2_audio" and config["audio_token_index"] == hf.config.audio_token_id
     reloaded = transformers.Qwen2AudioForConditionalGeneration.from_pretrained(out)
     assert reloaded.config.text_config.hidden_size == hf.config.text_config.hidden_size
+
+
+def test_qwen2_audio_stage_and_data_check_read_the_model_config():
+    from jaxmusic.data.check import model_settings
+    from jaxmusic.train import config as C
+    from jaxmusic.train.state import ModelSpec, resolve_model
+
+    from jaxmusic.configs import ROOT
+
+    stage = C.load(ROOT / "stages" / "qwen2_audio_finetune.yaml", ["init.source=random", "init.path=null"]).stages[0]
+    spec = ModelSpec.from_stage(resolve_model(stage, None))
+    assert (spec.llm.model_type, spec.mufun.connector, spec.tokens_per_chunk) == ("qwen2", "linear", 750)
+    assert model_settings("qwen2_audio") == (750, "chatml")
+    assert model_settings("mufun") == (300, "qwen2_instruct")
