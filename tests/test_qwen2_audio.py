@@ -206,3 +206,24 @@ def test_qwen2_audio_stage_and_data_check_read_the_model_config():
     assert (spec.llm.model_type, spec.mufun.connector, spec.tokens_per_chunk) == ("qwen2", "linear", 750)
     assert model_settings("qwen2_audio") == (750, "chatml")
     assert model_settings("mufun") == (300, "qwen2_instruct")
+
+
+def test_compare_paired_differences_and_standard_errors():
+    from types import SimpleNamespace
+
+    from jaxmusic.evaluation.report import compare, format_comparison
+
+    items = [SimpleNamespace(key=str(i), subset="a" if i < 4 else "b") for i in range(6)]
+    status = lambda seq: {str(i): {"status": s} for i, s in enumerate(seq)}  # noqa: E731
+    first = status(["correct", "wrong", "wrong", "correct", "correct", "skipped"])
+    second = status(["correct", "correct", "correct", "wrong", "wrong", "correct"])
+    cmp = compare(items, [("m", first), ("q", second)])
+    a = cmp["subsets"]["a"]
+    assert (a["accuracy"]["m"], a["accuracy"]["q"], a["diff"]["q"]) == (0.5, 0.75, 0.25)
+    # per-item differences 0, 1, 1, -1: mean 0.25, sample std 0.957, se 0.479
+    assert a["se"]["q"] == pytest.approx(np.std([0, 1, 1, -1], ddof=1) / 2)
+    b = cmp["subsets"]["b"]  # item 5 is skipped by m: only item 4 is paired
+    assert (b["paired_items"]["q"], b["diff"]["q"], b["se"]["q"]) == (1, -1.0, 0.0)
+    assert cmp["overall"]["macro"]["diff"]["q"] == pytest.approx((0.25 - 1.0) / 2)
+    table = format_comparison(cmp)
+    assert "q - m" in table and "+25.0 +- 47.9" in table

@@ -1,6 +1,7 @@
 """`jaxmusic eval`: multiple-choice evaluation, MuCUE's protocol end to end.
 
     jaxmusic eval CKPT --benchmark PATH [--mode generate|loglik] [--judge QWEN3_CKPT] [--out DIR]
+                       [--compare CKPT2 [--compare CKPT3 ...]]
 
 PATH is jaxmusic's JSONL benchmark file, or MuCUE as published on the Hugging Face Hub (a
 snapshot folder or one of its parquet files, read as it is; `jaxmusic.evaluation.benchmarks`).
@@ -24,6 +25,12 @@ cropped, or that is too long for the model, is reported, counted as skipped and 
 rerun. Results go to `--out`: `items.jsonl` (one record per item), `results.json` (per-subset
 `items`, `scored`, `correct`, `wrong`, `unparsed`, `skipped`, accuracy, chance; macro and micro
 averages; the published rows; parse rates; skipped items) and `accuracy.png`.
+
+Side by side (`--compare`): every checkpoint (MuFun, Qwen2-Audio, ...) is evaluated in turn
+on the same items, each into its own folder `OUT/<i>-<name>/` (resumable as above), then one
+table and one chart (`OUT/compare.json`, `OUT/compare.png`) give a column per model and, per
+subset, each model's difference from the first with its standard error, paired over the items
+both scored (`jaxmusic.evaluation.report.compare`).
 
 Scale: items go to the model in batches of `--batch-size`; several processes (`launch/local.py
 -n 8 --gpus-per-process 1 -- jaxmusic eval ...`, or `launch/slurm.sbatch eval ...`) each score
@@ -52,7 +59,8 @@ from jaxmusic import templates
 from jaxmusic.errors import UserError, run_command
 from jaxmusic.evaluation import records as records_lib
 from jaxmusic.evaluation.benchmarks import Item, ParquetAudio, read_benchmark
-from jaxmusic.evaluation.report import format_table, plot, summarise
+from jaxmusic.evaluation.report import (compare, format_comparison, format_table, plot, plot_comparison,
+                                        summarise)
 
 LETTERS = templates.LETTERS
 MAX_NEW_TOKENS = 64
@@ -408,7 +416,10 @@ def run(checkpoint: str, benchmark: str, *, audio_root: str | None = None, mode:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from jaxmusic import distributed
 
-    p.add_argument("checkpoint", help="jaxmusic checkpoint folder, or a released MuFun (HF) folder")
+    p.add_argument("checkpoint", help="jaxmusic checkpoint folder, or a released MuFun or Qwen2-Audio (HF) folder")
+    p.add_argument("--compare", action="append", default=[], metavar="CKPT",
+                   help="also evaluate this checkpoint on the same items and report the models side by "
+                        "side, with per-subset differences from the first (repeatable)")
     p.add_argument("--benchmark", required=True, metavar="PATH",
                    help="a JSONL benchmark file, or MuCUE as published: a Hub snapshot folder or one of its "
                         "parquet files")
@@ -429,6 +440,30 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                    help="parameter and compute dtype (bfloat16 halves memory on GPUs)")
     distributed.add_arguments(p)
+
+
+def model_label(index: int, checkpoint: str) -> str:
+    """`<index>-<folder name>`: distinct even for checkpoints in same-named folders."""
+    return f"{index}-{Path(checkpoint).resolve().name}"
+
+
+def _compare(checkpoints: Sequence[str], benchmark: str, out: str | None, kw: dict) -> int | None:
+    """Evaluate each checkpoint into `OUT/<label>/`, then the side-by-side table and chart."""
+    root = Path(out) if out else Path("eval_results") / f"{Path(benchmark).stem}-{kw['mode']}-compare"
+    labels = [model_label(i, c) for i, c in enumerate(checkpoints)]
+    summaries = [run(c, benchmark, out=str(root / label), **kw) for c, label in zip(checkpoints, labels)]
+    if any(s is None for s in summaries):
+        print("this process's items are scored; the last process to finish writes the results")
+        return None
+    items = read_benchmark(benchmark, kw["audio_root"], kw["limit"])
+    cmp = compare(items, [(label, records_lib.read_records(root / label)) for label in labels])
+    cmp.update(checkpoints=dict(zip(labels, map(str, checkpoints))), benchmark=str(benchmark), mode=kw["mode"])
+    (root / "compare.json").write_text(json.dumps(cmp, indent=1))
+    plot_comparison(cmp, root / "compare.png", f"{Path(benchmark).name} ({kw['mode']})")
+    print(format_comparison(cmp))
+    print(f"comparison: {root / 'compare.json'}, chart: {root / 'compare.png'}; per model: "
+          + ", ".join(str(root / label) for label in labels))
+    return None
 
 
 def _use_own_devices(layout) -> None:
@@ -453,11 +488,13 @@ def main(argv: list[str] | None = None) -> int:
         layout = distributed.resolve_layout(args.coordinator, args.num_processes, args.process_id)
         _use_own_devices(layout)
         process = (layout.process_id, layout.num_processes) if layout else (0, 1)
+        kw = dict(audio_root=args.audio_root, mode=args.mode, limit=args.limit, batch_size=args.batch_size,
+                  dtype=args.dtype, judge=args.judge, judge_temperature=args.judge_temperature,
+                  judge_seed=args.judge_seed, process=process, stop=requested.is_set)
         try:
-            summary = run(args.checkpoint, args.benchmark, audio_root=args.audio_root, mode=args.mode,
-                          limit=args.limit, out=args.out, batch_size=args.batch_size, dtype=args.dtype,
-                          judge=args.judge, judge_temperature=args.judge_temperature, judge_seed=args.judge_seed,
-                          process=process, stop=requested.is_set)
+            if args.compare:
+                return _compare([args.checkpoint] + args.compare, args.benchmark, args.out, kw)
+            summary = run(args.checkpoint, args.benchmark, out=args.out, **kw)
         except Interrupted as e:
             print(f"{e} (SIGTERM); rerun the same command to resume", file=sys.stderr)
             return EXIT_PREEMPTED
