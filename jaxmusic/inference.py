@@ -148,6 +148,8 @@ def request_mels(loaded: Loaded, req: Request) -> list[np.ndarray]:
     for i, path in enumerate(req.audio):
         seg = req.segments[i] if i < len(req.segments) else None
         wav = audio.load_audio(path, start=seg[0] if seg else None, end=seg[1] if seg else None)
+        if loaded.cfg.max_chunks_per_file:  # e.g. Qwen2-Audio: only the first 30 s, as its processor
+            wav = wav[:loaded.cfg.max_chunks_per_file * chunk]
         mels.append(audio.log_mel_np(audio.chunk_waveform(wav, chunk=chunk), n_mels=loaded.n_mels))
     return mels
 

@@ -227,3 +227,27 @@ def test_compare_paired_differences_and_standard_errors():
     assert cmp["overall"]["macro"]["diff"]["q"] == pytest.approx((0.25 - 1.0) / 2)
     table = format_comparison(cmp)
     assert "q - m" in table and "+25.0 +- 47.9" in table
+
+
+def test_qwen2_audio_cli_imports_released_folder_and_keeps_first_30s(released, tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import soundfile as sf
+
+    root, _, _ = released
+    long = tmp_path / "long.wav"
+    sf.write(long, np.zeros(45 * 16000, np.float32), 16000)
+    proc = subprocess.run([sys.executable, "-m", "jaxmusic.cli", "score", str(root / "released"), "--audio", str(long),
+                           QUESTION, "--option", "a piano", "--option", "drums", "--json"], capture_output=True,
+                          text=True, env={**os.environ, "JAXMUSIC_CACHE": str(tmp_path / "cache")})
+    assert proc.returncode == 0, proc.stderr
+    assert "Qwen2-Audio" in proc.stdout
+    assert len(json.loads(proc.stdout[proc.stdout.index("{"):])["options"]) == 2
+
+    from jaxmusic import inference
+
+    loaded = inference.load(root / "ckpt")
+    assert [len(m) for m in inference.request_mels(loaded, inference.Request(QUESTION, (str(long),)))] == [1]

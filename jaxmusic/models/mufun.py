@@ -72,6 +72,7 @@ class MuFunConfig:
     connector_init: str = "normal"      # "normal" (the reference's effective init) | "torch_linear"
     connector_init_std: float = 0.02    # for "normal": the LLM's initializer_range
     audio_placeholder: str = AUDIO_PLACEHOLDER
+    max_chunks_per_file: int = 0        # ask/score/eval keep only this many 30 s chunks of a file (0: all)
     chunk_buckets: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256)
     length_buckets: tuple[int, ...] = (256, 512, 1024, 2048, 4096, 8192)
 
@@ -84,6 +85,8 @@ class MuFunConfig:
                                  f"{list(self.fusion_layers)}")
         elif not self.fusion_layers or min(self.fusion_layers) < 0:
             raise ValueError(f"fusion_layers must be non-empty hidden-state indices >= 0, got {self.fusion_layers}")
+        if self.max_chunks_per_file < 0:
+            raise ValueError(f"max_chunks_per_file must be >= 0, got {self.max_chunks_per_file}")
         if self.pool_kernel < 1 or self.pool_stride < 1 or self.connector_hidden_multiple < 1:
             raise ValueError("pool_kernel, pool_stride and connector_hidden_multiple must be >= 1")
         for name, allowed in (("pooling", POOLINGS), ("connector", CONNECTORS), ("layout", LAYOUTS),
