@@ -251,3 +251,24 @@ def test_qwen2_audio_cli_imports_released_folder_and_keeps_first_30s(released, t
 
     loaded = inference.load(root / "ckpt")
     assert [len(m) for m in inference.request_mels(loaded, inference.Request(QUESTION, (str(long),)))] == [1]
+
+
+def test_chatml_renders_qwen2_audio_chat_template():
+    import jinja2
+    from transformers import Qwen2AudioProcessor
+
+    from jaxmusic import templates
+
+    turns = [("<audio>\nWhat's that sound?", "Glass breaking."), ("<audio>\nAnd this one?", "A cough.")]
+    messages = []
+    for question, answer in turns:
+        messages += [{"role": "user", "content": [{"type": "audio", "audio_url": "x.wav"},
+                                                  {"type": "text", "text": question.split("\n", 1)[1]}]},
+                     {"role": "assistant", "content": answer}]
+    source = Qwen2AudioProcessor.default_chat_template.fget(None)
+    want = jinja2.Template(source).render(messages=messages, add_generation_prompt=False)
+    ours = "".join(text for text, _ in templates.render("chatml", turns))
+    assert ours.replace(templates.AUDIO_PLACEHOLDER, "<|AUDIO|>") == want
+    prompt = templates.inference_prompt(turns[0][0], 1, template="chatml")
+    want_prompt = jinja2.Template(source).render(messages=messages[:1], add_generation_prompt=True)
+    assert prompt.replace(templates.AUDIO_PLACEHOLDER, "<|AUDIO|>") == want_prompt
