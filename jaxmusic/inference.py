@@ -141,40 +141,61 @@ def load(path: str | os.PathLike, opts: ModelOptions = ModelOptions(), mufun_con
 
 # ------------------------------------------------------------------------------ batches
 
-def request_mels(loaded: Loaded, req: Request) -> list[np.ndarray]:
-    """Log-mel chunks `[n_chunks, n_mels, frames]` of each audio file of a request."""
+def request_audio(loaded: Loaded, req: Request) -> tuple[list[np.ndarray], list[list[int]]]:
+    """Log-mel chunks `[n_chunks, n_mels, frames]` of each audio file of a request, and per file
+    each chunk's log-mel frames of audio (the rest is padding): `ceil(samples / hop)`, the
+    `attention_mask` of transformers' Whisper feature extractor."""
     chunk = loaded.frames * audio.HOP_LENGTH
-    mels = []
+    mels, frames = [], []
     for i, path in enumerate(req.audio):
         seg = req.segments[i] if i < len(req.segments) else None
         wav = audio.load_audio(path, start=seg[0] if seg else None, end=seg[1] if seg else None)
         if loaded.cfg.max_chunks_per_file:  # e.g. Qwen2-Audio: only the first 30 s, as its processor
             wav = wav[:loaded.cfg.max_chunks_per_file * chunk]
         mels.append(audio.log_mel_np(audio.chunk_waveform(wav, chunk=chunk), n_mels=loaded.n_mels))
-    return mels
+        samples = [min(chunk, len(wav) - c * chunk) for c in range(len(mels[-1]))]
+        frames.append([min(loaded.frames, -(-n // audio.HOP_LENGTH)) for n in samples])
+    return mels, frames
+
+
+def request_mels(loaded: Loaded, req: Request) -> list[np.ndarray]:
+    """Log-mel chunks `[n_chunks, n_mels, frames]` of each audio file of a request."""
+    return request_audio(loaded, req)[0]
 
 
 @nnx.jit(static_argnames=("groups",))
-def embed_batch(model: MuFun, mel, input_ids, audio_index, is_audio, groups=1):
-    """The LLM input of a batch laid out by `layout_batch`."""
-    return model.inputs_embeds(mel, input_ids, audio_index, is_audio, groups=groups)
+def embed_batch(model: MuFun, mel, input_ids, audio_index, is_audio, groups=1, chunk_frames=None):
+    """The LLM input of a batch laid out by `layout_batch` (`chunk_frames`: its plan's)."""
+    return model.inputs_embeds(mel, input_ids, audio_index, is_audio, groups=groups, valid_frames=chunk_frames)
 
 
 @nnx.jit
-def spliced_logits(model: MuFun, mel, input_ids, audio_index, is_audio, positions, valid):
+def spliced_logits(model: MuFun, mel, input_ids, audio_index, is_audio, positions, valid, chunk_frames=None):
     """Logits `[B, L, vocab]` of a batch laid out by `layout_batch` (`valid`: its attention mask)."""
-    embeds = model.inputs_embeds(mel, input_ids, audio_index, is_audio)
+    embeds = model.inputs_embeds(mel, input_ids, audio_index, is_audio, valid_frames=chunk_frames)
     logits, _ = model.llm(embeds, positions, valid=valid)
     return logits
 
 
-def layout_batch(loaded: Loaded, texts: Sequence[templates.TokenizedText], mels: Sequence[list[np.ndarray]]):
-    """`(splice plan, chunk batch)` of tokenised texts and their audio files' log-mel chunks."""
+def padding_layout(loaded: Loaded, mel_frames: Sequence[Sequence[Sequence[int]]] | None) -> dict:
+    """`build_splice_plan`'s `chunk_frames` and `chunk_tokens` for rows of files whose chunks hold
+    `mel_frames[b][i][c]` log-mel frames of audio, if the model masks padding (else none)."""
+    if not loaded.cfg.mask_padding or mel_frames is None:
+        return {}
+    lengths = [[[loaded.cfg.valid_lengths(m) for m in chunks] for chunks in files] for files in mel_frames]
+    return {"chunk_frames": [[[e for e, _ in f] for f in files] for files in lengths],
+            "chunk_tokens": [[[t for _, t in f] for f in files] for files in lengths]}
+
+
+def layout_batch(loaded: Loaded, texts: Sequence[templates.TokenizedText], mels: Sequence[list[np.ndarray]],
+                 mel_frames: Sequence[Sequence[Sequence[int]]] | None = None):
+    """`(splice plan, chunk batch)` of tokenised texts and their audio files' log-mel chunks
+    (`mel_frames`: `request_audio`'s, per row; used by models that mask padding)."""
     cfg = loaded.cfg
     plan = splice_plan.build_splice_plan(
         texts, [[len(m) for m in ms] for ms in mels], tokens_per_chunk=cfg.tokens_per_chunk(loaded.frames // 2),
         length_buckets=cfg.length_buckets, chunk_buckets=cfg.chunk_buckets,
-        pad_id=loaded.tokenizer.pad_token_id or 0)
+        pad_id=loaded.tokenizer.pad_token_id or 0, **padding_layout(loaded, mel_frames))
     chunks = splice_plan.stack_chunks(mels, plan, (loaded.n_mels, loaded.frames))
     return plan, jnp.asarray(chunks)
 
@@ -195,10 +216,10 @@ def ask(loaded: Loaded, requests: Sequence[Request], *, max_new_tokens: int = 25
     tok = loaded.tokenizer
     texts = [_encode(templates.encode_prompt, r, r.question, len(r.audio), tok, template=loaded.cfg.prompt_template)
              for r in requests]
-    mels = [request_mels(loaded, r) for r in requests]
-    plan, chunks = layout_batch(loaded, texts, mels)
+    mels, frames = zip(*[request_audio(loaded, r) for r in requests])
+    plan, chunks = layout_batch(loaded, texts, mels, frames)
     embeds = embed_batch(loaded.model, chunks, jnp.asarray(plan.input_ids), jnp.asarray(plan.audio_index),
-                    jnp.asarray(plan.is_audio))
+                         jnp.asarray(plan.is_audio), chunk_frames=plan.chunk_frames)
 
     ids: list[list[int]] = [[] for _ in requests]
     shown = [""] * len(requests)
@@ -238,10 +259,11 @@ def score(loaded: Loaded, request: Request, options: Sequence[str]) -> list[Opti
     n_audio = len(request.audio)
     texts = [_encode(templates.encode_scoring, request, request.question, o, n_audio, tok,
                      template=loaded.cfg.prompt_template) for o in options]
-    mel = request_mels(loaded, request)
-    plan, chunks = layout_batch(loaded, texts, [mel] * len(options))
+    mel, frames = request_audio(loaded, request)
+    plan, chunks = layout_batch(loaded, texts, [mel] * len(options), [frames] * len(options))
     logits = spliced_logits(loaded.model, chunks, jnp.asarray(plan.input_ids), jnp.asarray(plan.audio_index),
-                     jnp.asarray(plan.is_audio), jnp.asarray(plan.positions), jnp.asarray(plan.attention_mask))
+                            jnp.asarray(plan.is_audio), jnp.asarray(plan.positions), jnp.asarray(plan.attention_mask),
+                            plan.chunk_frames)
     logp, valid = jax.device_get(next_token_log_probs(logits, jnp.asarray(plan.labels)))
     out = []
     for row, option in enumerate(options):

@@ -112,8 +112,9 @@ def released(tmp_path_factory):
     hf = _torch_qwen2_audio(tokenizer)
     hf.save_pretrained(root / "released", safe_serialization=True)
     tokenizer.save_pretrained(str(root / "released"))
-    t = np.arange(30 * 16000) / 16000  # one whole 30 s chunk: Qwen2-Audio's 750 tokens, nothing masked
-    sf.write(root / "song.wav", (0.3 * np.sin(2 * np.pi * 220 * t * (1 + 0.1 * np.sin(t)))).astype(np.float32), 16000)
+    for name, seconds in (("song.wav", 30), ("short.wav", 7.3)):  # a whole chunk (750 tokens), a padded one
+        t = np.arange(int(seconds * 16000)) / 16000
+        sf.write(root / name, (0.3 * np.sin(2 * np.pi * 220 * t * (1 + 0.1 * np.sin(t)))).astype(np.float32), 16000)
     repo = Path(__file__).resolve().parent.parent
     proc = subprocess.run([sys.executable, str(repo / "convert" / "hf_to_jax.py"), "--qwen2-audio",
                            str(root / "released"), "--out", str(root / "ckpt")], capture_output=True, text=True)
@@ -121,41 +122,44 @@ def released(tmp_path_factory):
     return root, hf, repo
 
 
-def _hf_inputs(loaded, hf, text, mels):
-    """transformers' inputs for our tokenised prompt: `<|AUDIO|>` once per pooled frame, as its processor expands it."""
+def _hf_inputs(hf, text, mels, frames):
+    """transformers' inputs for our tokenised prompt and one-chunk files with `frames` log-mel frames
+    of audio each: `<|AUDIO|>` once per pooled frame, as its processor expands it."""
     ids = []
     for i, piece in enumerate(text.pieces):
         ids += list(piece)
         if i < len(mels):
-            ids += [hf.config.audio_token_id] * (len(mels[i]) * loaded.cfg.tokens_per_chunk(loaded.frames // 2))
+            ids += [hf.config.audio_token_id] * ((((frames[i] - 1) // 2 + 1) - 2) // 2 + 1)  # the processor's formula
     features = torch.from_numpy(np.concatenate(mels))
-    return dict(input_ids=torch.tensor([ids]), input_features=features,
-                feature_attention_mask=torch.ones(features.shape[0], features.shape[2], dtype=torch.long))
+    mask = torch.arange(features.shape[2])[None, :] < torch.tensor(frames)[:, None]
+    return dict(input_ids=torch.tensor([ids]), input_features=features, feature_attention_mask=mask.long())
 
 
-def test_qwen2_audio_logits_generate_score(released):
+@pytest.mark.parametrize("clip, tokens", [("song.wav", 750), ("short.wav", 182)])
+def test_qwen2_audio_logits_generate_score(released, clip, tokens):
     from jaxmusic import inference, templates
 
     root, hf, _ = released
     loaded = inference.load(root / "ckpt")
     assert loaded.cfg.tokens_per_chunk(1500) == 750
-    request = inference.Request(QUESTION, (str(root / "song.wav"),))
-    mels = inference.request_mels(loaded, request)
+    request = inference.Request(QUESTION, (str(root / clip),))
+    mels, frames = inference.request_audio(loaded, request)
     text = templates.encode_prompt(QUESTION, 1, loaded.tokenizer, template="chatml")
-    inputs = _hf_inputs(loaded, hf, text, mels)
+    inputs = _hf_inputs(hf, text, mels, [f[0] for f in frames])
     with torch.no_grad():
         ref = hf(**inputs).logits[0].numpy()
-    plan, chunks = inference.layout_batch(loaded, [text], [mels])
+    plan, chunks = inference.layout_batch(loaded, [text], [mels], [frames])
     n = plan.lengths[0]
-    assert n == ref.shape[0] == sum(len(p) for p in text.pieces) + 750
+    assert n == ref.shape[0] == sum(len(p) for p in text.pieces) + tokens  # 7.3 s: 730 log-mel frames -> 365 -> 182
     ours = np.asarray(inference.spliced_logits(loaded.model, chunks, plan.input_ids, plan.audio_index, plan.is_audio,
-                                               plan.positions, plan.attention_mask))[0, :n]
-    # reached: 2.1e-6 max-abs over all positions and the vocabulary (logits up to 3.4)
+                                               plan.positions, plan.attention_mask, plan.chunk_frames))[0, :n]
+    # reached: 2.1e-6 max-abs over all positions and the vocabulary, both clips (logits up to 3.6)
     np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=0)
 
     with torch.no_grad():
         want = hf.generate(**inputs, do_sample=False, max_new_tokens=16)[0, n:].tolist()
-    embeds = inference.embed_batch(loaded.model, chunks, plan.input_ids, plan.audio_index, plan.is_audio)
+    embeds = inference.embed_batch(loaded.model, chunks, plan.input_ids, plan.audio_index, plan.is_audio,
+                                   chunk_frames=plan.chunk_frames)
     got = generate(nnx.split(loaded.model.llm), embeds, plan.lengths, max_new_tokens=16)[0]
     assert got == want
 
@@ -163,11 +167,11 @@ def test_qwen2_audio_logits_generate_score(released):
     for option, s in zip(options, inference.score(loaded, request, options)):
         scored = templates.encode_scoring(QUESTION, option, 1, loaded.tokenizer, template="chatml")
         with torch.no_grad():
-            logp = torch.log_softmax(hf(**_hf_inputs(loaded, hf, scored, mels)).logits[0], -1).numpy()
+            logp = torch.log_softmax(hf(**_hf_inputs(hf, scored, mels, [f[0] for f in frames])).logits[0], -1).numpy()
         last, mask = scored.pieces[-1], scored.loss_masks[-1]
         offset = logp.shape[0] - len(last)
         ref_lp = [logp[offset + j - 1, last[j]] for j in np.flatnonzero(mask)]
-        # reached: 9.5e-7 on per-token log-likelihoods
+        # reached: 9.5e-7 (30 s clip), 4.8e-7 (7.3 s) on per-token log-likelihoods
         np.testing.assert_allclose(s.per_token, ref_lp, atol=1e-3)
 
 

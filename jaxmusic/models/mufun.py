@@ -73,6 +73,9 @@ class MuFunConfig:
     connector_init_std: float = 0.02    # for "normal": the LLM's initializer_range
     audio_placeholder: str = AUDIO_PLACEHOLDER
     max_chunks_per_file: int = 0        # ask/score/eval keep only this many 30 s chunks of a file (0: all)
+    # ask/score/eval: a chunk's zero padding (past the end of a clip) is masked in the encoder and
+    # gets no audio tokens, as Qwen2-Audio does ("pool_then_norm" only); else every chunk is 30 s.
+    mask_padding: bool = False
     chunk_buckets: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256)
     length_buckets: tuple[int, ...] = (256, 512, 1024, 2048, 4096, 8192)
 
@@ -85,6 +88,8 @@ class MuFunConfig:
                                  f"{list(self.fusion_layers)}")
         elif not self.fusion_layers or min(self.fusion_layers) < 0:
             raise ValueError(f"fusion_layers must be non-empty hidden-state indices >= 0, got {self.fusion_layers}")
+        if self.mask_padding and self.pooling != "pool_then_norm":
+            raise ValueError("mask_padding needs pooling 'pool_then_norm'")
         if self.max_chunks_per_file < 0:
             raise ValueError(f"max_chunks_per_file must be >= 0, got {self.max_chunks_per_file}")
         if self.pool_kernel < 1 or self.pool_stride < 1 or self.connector_hidden_multiple < 1:
@@ -132,6 +137,13 @@ class MuFunConfig:
     def tokens_per_chunk(self, n_frames: int) -> int:
         """Audio tokens per chunk for `n_frames` encoder frames (1500 -> 300)."""
         return pooled_length(n_frames, self.pool_kernel, self.pool_stride)
+
+    def valid_lengths(self, mel_frames: int) -> tuple[int, int]:
+        """`(encoder frames, audio tokens)` of a chunk whose first `mel_frames` log-mel frames are
+        audio (the rest padding), with `mask_padding`: Qwen2-Audio's lengths (its
+        `_get_feat_extract_output_lengths`): the stride-2 convolution, then the pooling."""
+        frames = (mel_frames - 1) // 2 + 1
+        return frames, (frames - self.pool_kernel) // self.pool_stride + 1
 
 
 # ---------------------------------------------------------------------- audio path (device)
@@ -219,15 +231,16 @@ def connector_apply(params: dict, x: jax.Array, dtype=jnp.float32) -> jax.Array:
         return linear(h, p2["weight"], p2["bias"], dtype)
 
 
-def encoder_features(encoder, mel: jax.Array, cfg: MuFunConfig) -> jax.Array:
+def encoder_features(encoder, mel: jax.Array, cfg: MuFunConfig, valid_frames=None) -> jax.Array:
     """Chunks `[N, n_mels, frames]` -> the pooled encoder features the connector reads `[N, T', F]`.
 
     "fuse_then_pool" (MuFun): `encoder(mel)` (all hidden states `[L+1, N, T, D]`), the fusion
     layers concatenated, then mean-pooled. "pool_then_norm" (Qwen2-Audio, whose encoder pools
-    *before* its final LayerNorm): the last block's raw output mean-pooled, then the norm.
+    *before* its final LayerNorm): the last block's raw output mean-pooled, then the norm;
+    `valid_frames [N]` (optional) masks each chunk's padding in the encoder.
     """
     if cfg.pooling == "pool_then_norm":
-        last = encoder.last_block_output(mel)
+        last = encoder.last_block_output(mel, valid_frames)
         with jax.named_scope("pool"):
             pooled = pool(last, cfg.pool_kernel, cfg.pool_stride)
         return encoder.final_norm(pooled)
@@ -237,12 +250,13 @@ def encoder_features(encoder, mel: jax.Array, cfg: MuFunConfig) -> jax.Array:
 
 
 def audio_embeddings(encoder, connector_params: dict, mel: jax.Array, cfg: MuFunConfig,
-                     dtype=None) -> jax.Array:
+                     dtype=None, valid_frames=None) -> jax.Array:
     """Chunks `[N, n_mels, frames]` -> audio tokens `[N, T', d_llm]` (encoder -> pooling -> connector).
 
-    The connector runs in `dtype`, by default the encoder's output dtype.
+    The connector runs in `dtype`, by default the encoder's output dtype. `valid_frames`: see
+    `encoder_features`.
     """
-    features = encoder_features(encoder, mel, cfg)
+    features = encoder_features(encoder, mel, cfg, valid_frames)
     return connector_apply(connector_params, features, dtype or features.dtype)
 
 
@@ -303,14 +317,16 @@ class MuFun(nnx.Module):
         self.connector = Connector(cfg, whisper_cfg.d_model, llm_cfg.hidden_size, opts, rngs)
         self.llm = Qwen3ForCausalLM(llm_cfg, opts, rngs)
 
-    def audio_embeddings(self, mel):
+    def audio_embeddings(self, mel, valid_frames=None):
         """Log-mel chunks `[N, n_mels, frames]` -> audio tokens `[N, frames/2/pool, d_llm]`."""
-        return audio_embeddings(self.whisper, self.connector.params(), mel, self.cfg, dtype=self.connector.dtype)
+        return audio_embeddings(self.whisper, self.connector.params(), mel, self.cfg, dtype=self.connector.dtype,
+                                valid_frames=valid_frames)
 
-    def inputs_embeds(self, mel, input_ids, audio_index, is_audio, *, groups: int = 1):
-        """The LLM input for a batch laid out by `splice_plan.build_splice_plan`."""
+    def inputs_embeds(self, mel, input_ids, audio_index, is_audio, *, groups: int = 1, valid_frames=None):
+        """The LLM input for a batch laid out by `splice_plan.build_splice_plan` (`valid_frames`:
+        its `chunk_frames`, with `mask_padding`)."""
         text = self.llm.embed(input_ids)
-        return splice(text, self.audio_embeddings(mel), audio_index, is_audio, groups=groups)
+        return splice(text, self.audio_embeddings(mel, valid_frames), audio_index, is_audio, groups=groups)
 
     def __call__(self, mel, input_ids, audio_index, is_audio, positions, *, mask=None, groups: int = 1):
         """Logits `[B, L, vocab]` of a spliced batch (no cache; for training and scoring)."""

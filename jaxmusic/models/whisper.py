@@ -154,11 +154,11 @@ class SelfAttention(nnx.Module):
         self.head_dim = cfg.head_dim
         self.opts = opts
 
-    def __call__(self, x):
+    def __call__(self, x, mask=None):
         b, t, _ = x.shape
         split = lambda y: y.reshape(b, t, self.num_heads, self.head_dim)
         out = attention(split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x)),
-                        opts=self.opts)
+                        opts=self.opts, mask=mask)
         return self.out_proj(out.reshape(b, t, -1))
 
 
@@ -174,9 +174,9 @@ class EncoderBlock(nnx.Module):
         self.fc2 = Linear(cfg.encoder_ffn_dim, cfg.d_model, axes=("embed", "mlp"), use_bias=True,
                           opts=opts, rngs=rngs)
 
-    def __call__(self, x):
+    def __call__(self, x, mask=None):
         with jax.named_scope("attention"):
-            x = x + self.self_attn(self.self_attn_layer_norm(x))
+            x = x + self.self_attn(self.self_attn_layer_norm(x), mask)
         with jax.named_scope("mlp"):
             return x + self.fc2(_gelu(self.fc1(self.final_layer_norm(x))))
 
@@ -231,12 +231,20 @@ class WhisperEncoder(nnx.Module):
         # transformers reports the final-LayerNorm output in place of the last block's raw output.
         return jnp.concatenate([x[None], per_block[:-1], self.final_norm(last)[None]], axis=0)
 
-    def last_block_output(self, input_features):
+    def last_block_output(self, input_features, valid_frames=None):
         """The last block's raw output `[B, max_source_positions, d_model]`, before the final
-        LayerNorm, keeping no other layer's (Qwen2-Audio pools it, then applies the norm)."""
+        LayerNorm, keeping no other layer's (Qwen2-Audio pools it, then applies the norm).
+
+        `valid_frames [B]` (int, optional): frames beyond it are padding that no frame attends
+        to, as Qwen2-Audio masks a clip shorter than 30 s (its padding frames are still computed).
+        """
+        mask = None
+        if valid_frames is not None:
+            mask = (jnp.arange(self.cfg.max_source_positions)[None, :] < valid_frames[:, None])[:, None, None, :]
+
         def body(block, h, _):
             with jax.named_scope("encoder_layer"):
-                return block(h), None
+                return block(h, mask), None
 
         last, _ = scan_layers(self.layers, body, self.stem(input_features), opts=self.opts)
         return last
