@@ -144,14 +144,14 @@ def pipeline(manifest: Path, folder: Path, features: str, workers: int) -> dict:
     """One pass over the manifest; CPU time of the workers (incl. their start-up) and of this
     process, and wall time from the first batch to the end."""
     from jaxmusic.data import DataConfig, make_dataset
-    from jaxmusic.data.check import MUFUN_TOKENS_PER_CHUNK
+    from jaxmusic.data.check import DEFAULT_MODEL, model_settings
 
     cfg = DataConfig(mixture=[{"manifest": str(manifest)}], audio_root=str(folder), seq_len=4096,
                      chunks_per_row=13, features=features, packing=True, workers=workers,
                      worker_buffer_size=4, prefetch_batches=2, seed=0)
     tokenizer = tiny_tokenizer()
     t0, cpu0, children0 = time.perf_counter(), time.process_time(), _children_cpu()
-    it = iter(make_dataset(cfg, tokenizer, batch_size=2, tokens_per_chunk=MUFUN_TOKENS_PER_CHUNK,
+    it = iter(make_dataset(cfg, tokenizer, batch_size=2, tokens_per_chunk=model_settings(DEFAULT_MODEL)[0],
                            process_index=0, process_count=1))
     next(it)
     t1 = time.perf_counter()

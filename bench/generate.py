@@ -1,10 +1,13 @@
-"""Greedy decode speed of jaxmusic vs transformers on a Qwen3-0.6B-shaped model, on CPU.
+"""Greedy decode speed of jaxmusic vs transformers on a Qwen3-0.6B- or Qwen2-0.5B-shaped model, on CPU.
 
-    python bench/generate.py [--runs 5] [--prompt 128] [--new-tokens 64] [--layers 28] [--torch-threads N]
+    python bench/generate.py [--model qwen3-shaped|qwen2-audio-shaped] [--runs 5] [--prompt 128]
+                             [--new-tokens 64] [--layers N] [--torch-threads N]
 
-Builds transformers' `Qwen3ForCausalLM` with random weights (Qwen3-0.6B's shapes: hidden
-1024, 28 layers, 16/8 heads of 128, MLP 3072, vocab 151936, tied embeddings; float32),
-copies the same weights into jaxmusic with `load_hf_weights`, and times, batch 1, a
+Builds transformers' `Qwen3ForCausalLM` with random weights (`qwen3-shaped`, the default:
+Qwen3-0.6B's shapes, hidden 1024, 28 layers, 16/8 heads of 128, MLP 3072, vocab 151936, tied
+embeddings) or `Qwen2ForCausalLM` (`qwen2-audio-shaped`: the decoder family of Qwen2-Audio at
+Qwen2-0.5B's shapes, hidden 896, 24 layers, 14/2 heads of 64, MLP 4864, vocab 151936, tied
+embeddings, q/k/v biases); float32. It copies the same weights into jaxmusic with `load_hf_weights`, and times, batch 1, a
 128-token prompt and 64 greedy new tokens: `jaxmusic.generate.generate` against
 `Qwen3ForCausalLM.generate`, interleaved (the order alternates per run) so that load
 from other processes hits both alike; medians over `--runs`. Each implementation's
@@ -38,6 +41,10 @@ import numpy as np
 QWEN3_06B = dict(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
                  num_attention_heads=16, num_key_value_heads=8, head_dim=128, rms_norm_eps=1e-6,
                  tie_word_embeddings=True, max_position_embeddings=40960)
+QWEN2_05B = dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                 num_attention_heads=14, num_key_value_heads=2, head_dim=64, rms_norm_eps=1e-6,
+                 tie_word_embeddings=True, max_position_embeddings=32768)
+MODELS = {"qwen3-shaped": ("Qwen3", QWEN3_06B), "qwen2-audio-shaped": ("Qwen2", QWEN2_05B)}
 
 
 def cpu_model() -> str:
@@ -96,7 +103,8 @@ def main():
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--prompt", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=64)
-    p.add_argument("--layers", type=int, default=QWEN3_06B["num_hidden_layers"], help="shrink for a quick try")
+    p.add_argument("--model", choices=tuple(MODELS), default="qwen3-shaped", help="which decoder family and shape")
+    p.add_argument("--layers", type=int, default=None, help="shrink for a quick try (default: the model's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--torch-threads", type=int, default=None,
                    help="default: as many as XLA:CPU uses; 1 shows torch without OpenMP contention")
@@ -119,12 +127,14 @@ def main():
     print(f"jax {jax.__version__} ({jax.default_backend()}, {xla_threads} threads), torch {torch.__version__} "
           f"({torch.get_num_threads()} threads), transformers {transformers.__version__}")
 
-    shape = {**QWEN3_06B, "num_hidden_layers": args.layers}
-    hf_cfg = transformers.Qwen3Config(**shape, rope_parameters={"rope_type": "default", "rope_theta": 1e6},
-                                      bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    family, shape = MODELS[args.model]
+    shape = {**shape, "num_hidden_layers": args.layers or shape["num_hidden_layers"]}
+    hf_cfg = getattr(transformers, f"{family}Config")(**shape, rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+                                                      bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    print(f"model: {args.model} ({family}ForCausalLM, random weights, {shape['num_hidden_layers']} layers)")
     torch.manual_seed(args.seed)
     start = time.perf_counter()
-    hf = transformers.Qwen3ForCausalLM(hf_cfg).eval()
+    hf = getattr(transformers, f"{family}ForCausalLM")(hf_cfg).eval()
     cfg = Qwen3Config.from_hf(hf_cfg.to_dict())
     ours = nnx.eval_shape(lambda: Qwen3ForCausalLM(cfg, ModelOptions(), nnx.Rngs(0)))  # no init: loaded below
     weights = {k: v.detach().numpy() for k, v in hf.state_dict().items()}

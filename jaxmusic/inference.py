@@ -1,7 +1,8 @@
 """Asking MuFun about songs, and scoring candidate answers: the engine behind `jaxmusic ask`/`score`.
 
 A request is some audio files (each with an optional `[start, end]` crop) and a question.
-The host decodes and chunks the audio, renders the `qwen2_instruct` prompt and lays the
+The host decodes and chunks the audio, renders the model's prompt template (MuFun's
+`qwen2_instruct`, Qwen2-Audio's `chatml`) and lays the
 batch out with `splice_plan.build_splice_plan` (lengths and chunk counts in buckets, so new
 inputs rarely compile anew); the device computes the spliced embeddings in one jitted
 call and `jaxmusic.generate` runs the KV-cache decode loop.
@@ -76,8 +77,9 @@ def _released_cache(folder: Path) -> Path:
 
 
 def resolve_checkpoint(path: str | os.PathLike, mufun_config: str | None = None) -> Path:
-    """A jaxmusic checkpoint folder for `path`, importing a released MuFun folder (with the glue
-    settings of `mufun_config`, default jaxmusic/configs/mufun.yaml) or a Hugging Face Qwen3
+    """A jaxmusic checkpoint folder for `path`, importing a released MuFun or Qwen2-Audio folder
+    (with the glue settings of `mufun_config`, default jaxmusic/configs/mufun.yaml or
+    qwen2_audio.yaml) or a Hugging Face Qwen3
     folder (an LLM-only checkpoint, e.g. `jaxmusic eval --judge`) once if needed."""
     from jaxmusic import checkpoints
 
@@ -92,18 +94,19 @@ def resolve_checkpoint(path: str | os.PathLike, mufun_config: str | None = None)
             model_type = json.loads(config.read_text()).get("model_type")
         except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
             model_type = None
-        if model_type in ("tinyllava", "qwen3"):
+        if model_type in ("tinyllava", "qwen2_audio", "qwen3"):
             cached = _released_cache(folder)
             if not (cached / checkpoints.META_FILE).is_file():
-                what = "released MuFun" if model_type == "tinyllava" else "Qwen3"
+                what = {"tinyllava": "released MuFun", "qwen2_audio": "Qwen2-Audio"}.get(model_type, "Qwen3")
                 print(f"importing {what} folder {folder} into {cached} (once)")
-                if model_type == "tinyllava":
-                    checkpoints.import_mufun(cached, folder, mufun_config=mufun_config)
-                else:
+                if model_type == "qwen3":
                     checkpoints.import_hf(cached, llm=str(folder))
+                else:
+                    checkpoints.import_released(cached, folder, glue_config=mufun_config)
             return cached
     raise UserError(f"{path}: neither a jaxmusic checkpoint ({checkpoints.META_FILE}) nor a released "
-                    "MuFun folder (config.json with model_type 'tinyllava') nor a Qwen3 folder")
+                    "MuFun or Qwen2-Audio folder (config.json with model_type 'tinyllava' or 'qwen2_audio') "
+                    "nor a Qwen3 folder")
 
 
 def load(path: str | os.PathLike, opts: ModelOptions = ModelOptions(), mufun_config: str | None = None) -> Loaded:
@@ -136,45 +139,68 @@ def load(path: str | os.PathLike, opts: ModelOptions = ModelOptions(), mufun_con
 
 # ------------------------------------------------------------------------------ batches
 
-def request_mels(loaded: Loaded, req: Request) -> list[np.ndarray]:
-    """Log-mel chunks `[n_chunks, n_mels, frames]` of each audio file of a request."""
+def request_audio(loaded: Loaded, req: Request) -> tuple[list[np.ndarray], list[list[int]]]:
+    """Log-mel chunks `[n_chunks, n_mels, frames]` of each audio file of a request, and per file
+    each chunk's log-mel frames of audio (the rest is padding): `ceil(samples / hop)`, the
+    `attention_mask` of transformers' Whisper feature extractor."""
     chunk = loaded.frames * audio.HOP_LENGTH
-    mels = []
+    mels, frames = [], []
     for i, path in enumerate(req.audio):
         seg = req.segments[i] if i < len(req.segments) else None
         wav = audio.load_audio(path, start=seg[0] if seg else None, end=seg[1] if seg else None)
+        if loaded.cfg.max_chunks_per_file:  # e.g. Qwen2-Audio: only the first 30 s, as its processor
+            wav = wav[:loaded.cfg.max_chunks_per_file * chunk]
         mels.append(audio.log_mel_np(audio.chunk_waveform(wav, chunk=chunk), n_mels=loaded.n_mels))
-    return mels
+        samples = [min(chunk, len(wav) - c * chunk) for c in range(len(mels[-1]))]
+        frames.append([min(loaded.frames, -(-n // audio.HOP_LENGTH)) for n in samples])
+    return mels, frames
+
+
+def request_mels(loaded: Loaded, req: Request) -> list[np.ndarray]:
+    """Log-mel chunks `[n_chunks, n_mels, frames]` of each audio file of a request."""
+    return request_audio(loaded, req)[0]
 
 
 @nnx.jit(static_argnames=("groups",))
-def embed_batch(model: MuFun, mel, input_ids, audio_index, is_audio, groups=1):
-    """The LLM input of a batch laid out by `layout_batch`."""
-    return model.inputs_embeds(mel, input_ids, audio_index, is_audio, groups=groups)
+def embed_batch(model: MuFun, mel, input_ids, audio_index, is_audio, groups=1, chunk_frames=None):
+    """The LLM input of a batch laid out by `layout_batch` (`chunk_frames`: its plan's)."""
+    return model.inputs_embeds(mel, input_ids, audio_index, is_audio, groups=groups, valid_frames=chunk_frames)
 
 
 @nnx.jit
-def spliced_logits(model: MuFun, mel, input_ids, audio_index, is_audio, positions, valid):
+def spliced_logits(model: MuFun, mel, input_ids, audio_index, is_audio, positions, valid, chunk_frames=None):
     """Logits `[B, L, vocab]` of a batch laid out by `layout_batch` (`valid`: its attention mask)."""
-    embeds = model.inputs_embeds(mel, input_ids, audio_index, is_audio)
+    embeds = model.inputs_embeds(mel, input_ids, audio_index, is_audio, valid_frames=chunk_frames)
     logits, _ = model.llm(embeds, positions, valid=valid)
     return logits
 
 
-def layout_batch(loaded: Loaded, texts: Sequence[templates.TokenizedText], mels: Sequence[list[np.ndarray]]):
-    """`(splice plan, chunk batch)` of tokenised texts and their audio files' log-mel chunks."""
+def padding_layout(loaded: Loaded, mel_frames: Sequence[Sequence[Sequence[int]]] | None) -> dict:
+    """`build_splice_plan`'s `chunk_frames` and `chunk_tokens` for rows of files whose chunks hold
+    `mel_frames[b][i][c]` log-mel frames of audio, if the model masks padding (else none)."""
+    if not loaded.cfg.mask_padding or mel_frames is None:
+        return {}
+    lengths = [[[loaded.cfg.valid_lengths(m) for m in chunks] for chunks in files] for files in mel_frames]
+    return {"chunk_frames": [[[e for e, _ in f] for f in files] for files in lengths],
+            "chunk_tokens": [[[t for _, t in f] for f in files] for files in lengths]}
+
+
+def layout_batch(loaded: Loaded, texts: Sequence[templates.TokenizedText], mels: Sequence[list[np.ndarray]],
+                 mel_frames: Sequence[Sequence[Sequence[int]]] | None = None):
+    """`(splice plan, chunk batch)` of tokenised texts and their audio files' log-mel chunks
+    (`mel_frames`: `request_audio`'s, per row; used by models that mask padding)."""
     cfg = loaded.cfg
     plan = splice_plan.build_splice_plan(
         texts, [[len(m) for m in ms] for ms in mels], tokens_per_chunk=cfg.tokens_per_chunk(loaded.frames // 2),
         length_buckets=cfg.length_buckets, chunk_buckets=cfg.chunk_buckets,
-        pad_id=loaded.tokenizer.pad_token_id or 0)
+        pad_id=loaded.tokenizer.pad_token_id or 0, **padding_layout(loaded, mel_frames))
     chunks = splice_plan.stack_chunks(mels, plan, (loaded.n_mels, loaded.frames))
     return plan, jnp.asarray(chunks)
 
 
-def _encode(fn, req: Request, *args):
+def _encode(fn, req: Request, *args, **kw):
     try:
-        return fn(*args)
+        return fn(*args, **kw)
     except templates.TemplateError as e:
         raise UserError(str(e)) from None
 
@@ -186,11 +212,12 @@ def ask(loaded: Loaded, requests: Sequence[Request], *, max_new_tokens: int = 25
         on_text: Callable[[int, str], None] | None = None) -> list[str]:
     """Answer a batch of requests; `on_text(row, new_text)` streams each row's text as it grows."""
     tok = loaded.tokenizer
-    texts = [_encode(templates.encode_prompt, r, r.question, len(r.audio), tok) for r in requests]
-    mels = [request_mels(loaded, r) for r in requests]
-    plan, chunks = layout_batch(loaded, texts, mels)
+    texts = [_encode(templates.encode_prompt, r, r.question, len(r.audio), tok, template=loaded.cfg.prompt_template)
+             for r in requests]
+    mels, frames = zip(*[request_audio(loaded, r) for r in requests])
+    plan, chunks = layout_batch(loaded, texts, mels, frames)
     embeds = embed_batch(loaded.model, chunks, jnp.asarray(plan.input_ids), jnp.asarray(plan.audio_index),
-                    jnp.asarray(plan.is_audio))
+                         jnp.asarray(plan.is_audio), chunk_frames=plan.chunk_frames)
 
     ids: list[list[int]] = [[] for _ in requests]
     shown = [""] * len(requests)
@@ -223,16 +250,18 @@ class OptionScore:
 
 
 def score(loaded: Loaded, request: Request, options: Sequence[str]) -> list[OptionScore]:
-    """Log-likelihood of each candidate answer under the `qwen2_instruct` template."""
+    """Log-likelihood of each candidate answer under the model's prompt template."""
     if not options:
         raise UserError("give at least one --option to score")
     tok = loaded.tokenizer
     n_audio = len(request.audio)
-    texts = [_encode(templates.encode_scoring, request, request.question, o, n_audio, tok) for o in options]
-    mel = request_mels(loaded, request)
-    plan, chunks = layout_batch(loaded, texts, [mel] * len(options))
+    texts = [_encode(templates.encode_scoring, request, request.question, o, n_audio, tok,
+                     template=loaded.cfg.prompt_template) for o in options]
+    mel, frames = request_audio(loaded, request)
+    plan, chunks = layout_batch(loaded, texts, [mel] * len(options), [frames] * len(options))
     logits = spliced_logits(loaded.model, chunks, jnp.asarray(plan.input_ids), jnp.asarray(plan.audio_index),
-                     jnp.asarray(plan.is_audio), jnp.asarray(plan.positions), jnp.asarray(plan.attention_mask))
+                            jnp.asarray(plan.is_audio), jnp.asarray(plan.positions), jnp.asarray(plan.attention_mask),
+                            plan.chunk_frames)
     logp, valid = jax.device_get(next_token_log_probs(logits, jnp.asarray(plan.labels)))
     out = []
     for row, option in enumerate(options):

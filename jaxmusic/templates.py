@@ -1,12 +1,20 @@
-"""MuFun's prompt templates: conversation -> token pieces with loss masks; the MuCUE prompt.
+"""Prompt templates: conversation -> token pieces with loss masks; the MuCUE prompt.
 
-Two templates, strings exactly as in the reference (TinyLLaVA-Factory fork):
+MuFun's two templates, strings exactly as in the reference (TinyLLaVA-Factory fork):
 
 * `pretrain` (alignment stage): per turn `"<audio>" + answer + "\\n"`; the question is
   dropped and every token except the audio placeholder carries loss.
 * `qwen2_instruct` (all later stages, inference): `SYSTEM`, then per turn
   `"USER: " + question + " " + "ASSISTANT: " + answer + "<|im_end|>"`; loss on
   `answer + "<|im_end|>"` of every turn.
+
+Qwen2-Audio's template, `chatml` (the chat template of Qwen2-Audio-7B-Instruct, as its
+processor renders it): `"<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"`, then
+per turn `"<|im_start|>user\n" + question + "<|im_end|>\n<|im_start|>assistant\n"` and
+`answer + "<|im_end|>"` (loss) + `"\n"`. The k-th `<audio>` tag of the conversation renders
+as `"Audio k: <|audio_bos|><audio><|audio_eos|>"`: the audio tokens take the place of the
+processor's `<|AUDIO|>`, which it expands to one token per pooled encoder frame. MuFun-format
+data (`"<audio>\n" + question`) thus renders exactly as Qwen2-Audio's chat template.
 
 The rendered text is split at every `<audio>` tag and each piece is tokenised on its own,
 with no special tokens added, so no token straddles an audio position. The result is a
@@ -38,7 +46,11 @@ AUDIO_PLACEHOLDER = "<audio>"
 END_OF_TURN = "<|im_end|>"
 SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. The assistant "
           "gives helpful, detailed, and polite answers to the user's questions. ")
-TEMPLATES = ("pretrain", "qwen2_instruct")
+TEMPLATES = ("pretrain", "qwen2_instruct", "chatml")
+INFERENCE_TEMPLATES = ("qwen2_instruct", "chatml")  # those with a prompt/answer form (ask, score, eval)
+CHATML_SYSTEM = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+CHATML_USER = "<|im_start|>user\n"
+CHATML_ASSISTANT = "<|im_end|>\n<|im_start|>assistant\n"
 MUCUE_INSTRUCTION = "Choose the correct option for the question based on the audio. "
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
@@ -110,7 +122,24 @@ def render(template: str, turns: Sequence[tuple[str, str]], *, placeholder: str 
             segments += [("USER: " + question + " " + "ASSISTANT: ", False),
                          (answer + END_OF_TURN, True)]
         return segments
+    if template == "chatml":
+        segments, n_audio = [(CHATML_SYSTEM, False)], 0
+        for question, answer in turns:
+            question, n_audio = _chatml_audio(question, n_audio, placeholder)
+            segments += [(CHATML_USER + question + CHATML_ASSISTANT, False), (answer + END_OF_TURN, True),
+                         ("\n", False)]
+        return segments
     raise TemplateError(f"unknown template {template!r}; expected one of {TEMPLATES}")
+
+
+def _chatml_audio(question: str, first: int, placeholder: str) -> tuple[str, int]:
+    """Each tag as `"Audio k: <|audio_bos|>" + tag + "<|audio_eos|>"`, k counting from `first + 1`
+    over the conversation; returns the question and the count so far."""
+    pieces = question.split(placeholder)
+    out = pieces[0]
+    for k, piece in enumerate(pieces[1:], first + 1):
+        out += f"Audio {k}: <|audio_bos|>{placeholder}<|audio_eos|>" + piece
+    return out, first + len(pieces) - 1
 
 
 # ------------------------------------------------------------------------------ tokenising
@@ -179,8 +208,10 @@ def stop_ids(tokenizer) -> tuple[int, ...]:
 
 # ------------------------------------------------------------------------------- inference
 
-def inference_prompt(question: str, n_audio: int, *, placeholder: str = AUDIO_PLACEHOLDER) -> str:
-    """The `qwen2_instruct` prompt for one question, ending in `"ASSISTANT: "` (trailing space).
+def inference_prompt(question: str, n_audio: int, *, placeholder: str = AUDIO_PLACEHOLDER,
+                     template: str = "qwen2_instruct") -> str:
+    """The `qwen2_instruct` prompt for one question, ending in `"ASSISTANT: "` (trailing space),
+    or with `template="chatml"` Qwen2-Audio's, ending in `"<|im_start|>assistant\n"`.
 
     A question without tags gets one `placeholder + "\\n"` per audio file in front: the
     layout of MuFun's training data (`"<audio>\\n" + question`; the README's chat examples
@@ -192,18 +223,22 @@ def inference_prompt(question: str, n_audio: int, *, placeholder: str = AUDIO_PL
         question = (placeholder + "\n") * n_audio + question
     elif n_tags != n_audio:
         raise TemplateError(f"{n_tags} {placeholder!r} tags in the question but {n_audio} audio files")
+    if template == "chatml":
+        return CHATML_SYSTEM + CHATML_USER + _chatml_audio(question, 0, placeholder)[0] + CHATML_ASSISTANT
+    if template != "qwen2_instruct":
+        raise TemplateError(f"template {template!r} has no inference prompt; expected one of {INFERENCE_TEMPLATES}")
     return SYSTEM + "USER: " + question + " " + "ASSISTANT: "
 
 
-def encode_prompt(question: str, n_audio: int, tokenizer, *,
-                  placeholder: str = AUDIO_PLACEHOLDER) -> TokenizedText:
+def encode_prompt(question: str, n_audio: int, tokenizer, *, placeholder: str = AUDIO_PLACEHOLDER,
+                  template: str = "qwen2_instruct") -> TokenizedText:
     """Tokenised inference prompt (no token carries loss)."""
-    return tokenize_segments([(inference_prompt(question, n_audio, placeholder=placeholder), False)],
-                             tokenizer, placeholder=placeholder)
+    prompt = inference_prompt(question, n_audio, placeholder=placeholder, template=template)
+    return tokenize_segments([(prompt, False)], tokenizer, placeholder=placeholder)
 
 
 def encode_scoring(question: str, answer: str, n_audio: int, tokenizer, *,
-                   placeholder: str = AUDIO_PLACEHOLDER) -> TokenizedText:
+                   placeholder: str = AUDIO_PLACEHOLDER, template: str = "qwen2_instruct") -> TokenizedText:
     """Prompt + candidate answer + `<|im_end|>`, loss on `answer + "<|im_end|>"` only.
 
     The whole text is tokenised together, as in training, so the answer's first token
@@ -213,7 +248,7 @@ def encode_scoring(question: str, answer: str, n_audio: int, tokenizer, *,
     """
     if placeholder in answer:
         raise TemplateError(f"the answer contains {placeholder!r}")
-    prompt = inference_prompt(question, n_audio, placeholder=placeholder)
+    prompt = inference_prompt(question, n_audio, placeholder=placeholder, template=template)
     return tokenize_segments([(prompt, False), (answer + END_OF_TURN, True)], tokenizer,
                              placeholder=placeholder)
 

@@ -219,3 +219,16 @@ def test_item_longer_than_the_largest_bucket_is_skipped(forced):
     mels, error = evaluate.prepare_item(short, item_b, "generate")
     assert mels is None and "exceed the largest length bucket 128" in error
     assert evaluate.prepare_item(loaded, item_b, "generate")[1] is None
+
+
+def test_compare_cli_one_table_and_chart(forced, tmp_path, capsys):
+    root, ckpt, bench, _ = forced
+    out = tmp_path / "cmp"
+    assert evaluate.main([str(ckpt), "--compare", str(ckpt), "--benchmark", str(bench), "--out", str(out),
+                          "--limit", "4", "--batch-size", "4"]) == 0
+    printed = capsys.readouterr().out
+    labels = [evaluate.model_label(i, str(ckpt)) for i in (0, 1)]
+    assert all(label in printed for label in labels) and "+0.0 +- 0.0" in printed
+    cmp = json.loads((out / "compare.json").read_text())
+    assert cmp["models"] == labels and cmp["subsets"]["genre"]["diff"][labels[1]] == 0.0
+    assert (out / "compare.png").stat().st_size > 1000 and (out / labels[1] / "results.json").is_file()

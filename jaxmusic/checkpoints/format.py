@@ -97,13 +97,18 @@ def part_leaves(part: str, hf_config: dict):
     from jaxmusic.models.mufun import connector_hf_tensors
 
     if part == "connector":
+        kind = "linear" if hf_config.get("connector_type") == "linear" else "mlp"
         try:
-            d_in, d_hidden, d_out = (int(hf_config[k]) for k in ("input_size", "hidden_size", "output_size"))
+            sizes = ("input_size", "output_size") if kind == "linear" else ("input_size", "hidden_size", "output_size")
+            d_in, *d_hidden, d_out = (int(hf_config[k]) for k in sizes)
         except (KeyError, TypeError, ValueError) as e:
             raise ConversionError(f"connector: unusable config {hf_config} ({e})") from None
-        shapes = {("linear1", "weight"): (d_hidden, d_in), ("linear1", "bias"): (d_hidden,),
-                  ("linear2", "weight"): (d_out, d_hidden), ("linear2", "bias"): (d_out,)}
-        return [Leaf(part, spec, shapes[spec.path], 0) for spec in connector_hf_tensors()]
+        if kind == "linear":
+            shapes = {("linear", "weight"): (d_out, d_in), ("linear", "bias"): (d_out,)}
+        else:
+            shapes = {("linear1", "weight"): (d_hidden[0], d_in), ("linear1", "bias"): (d_hidden[0],),
+                      ("linear2", "weight"): (d_out, d_hidden[0]), ("linear2", "bias"): (d_out,)}
+        return [Leaf(part, spec, shapes[spec.path], 0) for spec in connector_hf_tensors(kind)]
     specs, shapes, n_layers = backbone_shapes(part, hf_config)
     return [Leaf(part, s, shapes[s.path], n_layers) for s in specs]
 

@@ -1,9 +1,11 @@
 """jaxmusic checkpoints -> Hugging Face folders `from_pretrained` loads, streamed.
 
-* `export_hf`: one backbone, `llm` as `Qwen3ForCausalLM`, `whisper` under
+* `export_hf`: one backbone, `llm` as `Qwen3ForCausalLM` (or `Qwen2ForCausalLM`), `whisper` under
   `WhisperForConditionalGeneration` names (with the decoder copied from the original
   Whisper folder when given, else an encoder-only folder);
-* `export_mufun`: a whole MuFun in the released layout that MuFun's PyTorch code loads.
+* `export_mufun`: a whole MuFun in the released layout that MuFun's PyTorch code loads;
+* `export_qwen2_audio`: a Qwen2-Audio checkpoint as the folder transformers'
+  `Qwen2AudioForConditionalGeneration.from_pretrained` loads.
 
 Tensors are written in each part's original HF dtype (recorded at import), so an
 import/export round trip reproduces the original files bit for bit, in safetensors shards
@@ -29,9 +31,10 @@ from jaxmusic.checkpoints.format import (LEGACY_LAYOUT, PARAMS_DIR, ConversionEr
 from jaxmusic.checkpoints.hf_import import Stats, progress, whisper_prefix
 from jaxmusic.checkpoints.safetensors import (DTYPES, HFWeights, SafetensorsWriter, TensorInfo, dtype_code,
                                               plan_shards, shard_file_names, write_index)
-from jaxmusic.models import mufun
+from jaxmusic.models import mufun, qwen2_audio
 
 HF_CLASSES = {"whisper": "WhisperForConditionalGeneration", "llm": "Qwen3ForCausalLM"}  # what export writes
+LLM_CLASSES = {"qwen3": "Qwen3ForCausalLM", "qwen2": "Qwen2ForCausalLM"}  # by the LLM config's model_type
 
 
 @dataclasses.dataclass(frozen=True)
@@ -196,7 +199,8 @@ def export_hf(ckpt: str | os.PathLike, out: str | os.PathLike, part: str, *,
             config["dtype"] = np.dtype(info["source_dtype"]).name
             if "torch_dtype" in config:  # transformers 4.x name of the same field
                 config["torch_dtype"] = config["dtype"]
-            config["architectures"] = [HF_CLASSES[part]]
+            config["architectures"] = [LLM_CLASSES.get(config.get("model_type") or "qwen3", HF_CLASSES[part])
+                                       if part == "llm" else HF_CLASSES[part]]
             _write_config(tmp, config)
             tokenizer = ckpt / info.get("tokenizer", f"tokenizer/{part}")
             if tokenizer.is_dir():
@@ -210,24 +214,43 @@ def export_hf(ckpt: str | os.PathLike, out: str | os.PathLike, part: str, *,
 
 def export_mufun(ckpt, out, *, max_shard_size: int = 5 * 10**9) -> Stats:
     """jaxmusic MuFun checkpoint -> released-layout folder the PyTorch MuFun code loads."""
+    return _export_released(ckpt, out, "mufun", max_shard_size)
+
+
+def export_qwen2_audio(ckpt, out, *, max_shard_size: int = 5 * 10**9) -> Stats:
+    """jaxmusic Qwen2-Audio checkpoint -> folder `Qwen2AudioForConditionalGeneration` loads."""
+    return _export_released(ckpt, out, "qwen2-audio", max_shard_size)
+
+
+def _export_released(ckpt, out, layout: str, max_shard_size: int) -> Stats:
     ckpt, out = Path(ckpt), Path(out)
     start_time = time.time()
     meta = read_meta(ckpt)
     parts = meta["parts"]
     missing = [p for p in mufun.PARTS if p not in parts]
     if missing or "mufun" not in meta:
-        raise ConversionError(f"{ckpt}: not a whole MuFun checkpoint (missing "
-                              f"{', '.join(missing) or 'mufun config'}); use --part llm|whisper")
+        raise ConversionError(f"{ckpt}: not a whole model checkpoint (missing "
+                              f"{', '.join(missing) or 'glue config'}); use --part llm|whisper")
+    cfg = mufun.MuFunConfig.from_dict(meta["mufun"])
+    if cfg.layout != layout:
+        raise ConversionError(f"{ckpt}: a {cfg.layout} model cannot be written in the {layout} layout "
+                              f"(use --part {cfg.layout})")
+    prefixes = qwen2_audio.RELEASED_PREFIXES if layout == "qwen2-audio" else mufun.RELEASED_PREFIXES
     refuse_existing(out)
     entries, stores = [], {}
     for part in ("whisper", "llm", "connector"):  # the released files' order
         leaves = part_leaves(part, parts[part]["hf_config"])
         stores.update(_open_stores(ckpt, leaves))
-        entries += _entries(leaves, mufun.RELEASED_PREFIXES[part], dtype_code(np.dtype(parts[part]["source_dtype"])))
+        entries += _entries(leaves, prefixes[part], dtype_code(np.dtype(parts[part]["source_dtype"])))
     with staged_folder(out) as tmp:
         stats = _write_hf_folder(tmp, entries, stores, None, max_shard_size)
-        _write_config(tmp, mufun.released_config(parts["whisper"]["hf_config"], parts["llm"]["hf_config"],
-                                                 parts["connector"]["hf_config"], meta.get("released_config")))
+        if layout == "qwen2-audio":
+            config = qwen2_audio.released_config(parts["whisper"]["hf_config"], parts["llm"]["hf_config"],
+                                                 meta.get("released_config"))
+        else:
+            config = mufun.released_config(parts["whisper"]["hf_config"], parts["llm"]["hf_config"],
+                                           parts["connector"]["hf_config"], meta.get("released_config"))
+        _write_config(tmp, config)
         tokenizer = ckpt / parts["llm"].get("tokenizer", "tokenizer/llm")
         if tokenizer.is_dir():
             copy_tokenizer_files(tokenizer, tmp)

@@ -3,7 +3,10 @@
 * `import_hf`: a Whisper and/or a Qwen3 folder -> a backbone checkpoint;
 * `assemble`: a Whisper and a Qwen3 folder -> a new whole MuFun, the connector freshly
   initialised as the MuFun config's `connector_init` says;
-* `import_mufun`: a released MuFun folder (`model_type: "tinyllava"`) -> a MuFun checkpoint.
+* `import_mufun`: a released MuFun folder (`model_type: "tinyllava"`) -> a MuFun checkpoint;
+* `import_qwen2_audio`: a Qwen2-Audio folder (`model_type: "qwen2_audio"`) -> a checkpoint of
+  the same three parts with Qwen2-Audio's glue settings (`jaxmusic/configs/qwen2_audio.yaml`);
+* `import_released`: either of the two, by the folder's `model_type`.
 
 Everything is validated before anything is written: missing, unexpected or mis-shaped
 tensors are listed all at once. Sizes missing from a released config are inferred from
@@ -28,7 +31,7 @@ from jaxmusic.checkpoints import streaming
 from jaxmusic.checkpoints.format import (CKPT_DTYPES, PARAMS_DIR, ConversionError, copy_tokenizer_files,
                                          part_leaves, read_json, refuse_existing, staged_folder, write_meta)
 from jaxmusic.checkpoints.safetensors import HFWeights, SafetensorsWriter, dtype_code
-from jaxmusic.models import mufun
+from jaxmusic.models import mufun, qwen2_audio
 
 SOURCE_DTYPES = ("F32", "BF16", "F16")  # HF weights we convert (other dtypes are refused)
 
@@ -220,16 +223,7 @@ def import_mufun(out, folder, *, mufun_config: str | None = None, dtype: str = "
         mufun.check_connector_type(released.get("connector_type", ""), cfg)
         cfg.check_encoder_depth(configs["whisper"]["encoder_layers"])
         configs["connector"] = mufun.connector_config(cfg, d_enc, d_llm)
-        sources = []
-        for part in mufun.PARTS:
-            prefix = mufun.RELEASED_PREFIXES[part]
-            keys = frozenset(k for k in tensors if k.startswith(prefix))
-            sources.append(Source(part, folder, configs[part], weights, prefix,
-                                  part_leaves(part, configs[part]), keys, tokenizer=part == "llm"))
-        stray = sorted(k for k in tensors if not k.startswith(tuple(mufun.RELEASED_PREFIXES.values())))
-        if stray:
-            raise ConversionError(f"{folder}: {len(stray)} unexpected tensor(s), nothing written: "
-                                  + ", ".join(stray[:20]))
+        sources = _released_sources(folder, weights, configs, mufun.RELEASED_PREFIXES)
         return write_checkpoint(out, sources, dtype, mufun=cfg.to_dict(), released_config=released)
     except ValueError as e:
         if isinstance(e, ConversionError):
@@ -237,6 +231,70 @@ def import_mufun(out, folder, *, mufun_config: str | None = None, dtype: str = "
         raise ConversionError(f"{folder}: {e}") from None
     finally:
         weights.close()
+
+
+def _released_sources(folder: Path, weights: HFWeights, configs: dict, prefixes: dict) -> list[Source]:
+    """The three parts of a released folder, each under its prefix; refuses stray tensors."""
+    tensors, sources = weights.tensors, []
+    for part in mufun.PARTS:
+        prefix = prefixes[part]
+        keys = set(k for k in tensors if k.startswith(prefix))
+        if part == "llm" and configs[part].get("tie_word_embeddings", False):
+            keys.discard(prefix + "lm_head.weight")  # a tied head saved anyway is the embedding table
+        sources.append(Source(part, folder, configs[part], weights, prefix,
+                              part_leaves(part, configs[part]), frozenset(keys), tokenizer=part == "llm"))
+    stray = sorted(k for k in tensors if not k.startswith(tuple(prefixes.values())))
+    if stray:
+        raise ConversionError(f"{folder}: {len(stray)} unexpected tensor(s), nothing written: "
+                              + ", ".join(stray[:20]))
+    return sources
+
+
+def import_qwen2_audio(out, folder, *, glue_config: str | None = None, dtype: str = "float32") -> Stats:
+    """Qwen2-Audio folder (`Qwen2AudioForConditionalGeneration`, safetensors) -> jaxmusic checkpoint
+    `out`, with the glue settings of `glue_config` (default jaxmusic/configs/qwen2_audio.yaml)."""
+    folder, out = Path(folder), Path(out)
+    if not folder.is_dir():
+        raise ConversionError(f"{folder}: no such folder")
+    released = read_json(folder / "config.json", "a Qwen2-Audio folder needs its config.json")
+    if released.get("model_type") != qwen2_audio.MODEL_TYPE:
+        raise ConversionError(f"{folder / 'config.json'}: model_type is {released.get('model_type')!r}, "
+                              f"expected {qwen2_audio.MODEL_TYPE!r}")
+    try:
+        cfg = qwen2_audio.glue_config(glue_config)
+    except (OSError, ValueError) as e:
+        raise ConversionError(f"--mufun-config: {e}") from None
+    refuse_existing(out)
+    weights = HFWeights(folder)
+    try:
+        configs = qwen2_audio.part_configs(released)
+        cfg.check_encoder_depth(configs["whisper"]["encoder_layers"])
+        configs["connector"] = mufun.connector_config(cfg, configs["whisper"]["d_model"],
+                                                      configs["llm"]["hidden_size"])
+        sources = _released_sources(folder, weights, configs, qwen2_audio.RELEASED_PREFIXES)
+        return write_checkpoint(out, sources, dtype, mufun=cfg.to_dict(), released_config=released)
+    except ValueError as e:
+        if isinstance(e, ConversionError):
+            raise
+        raise ConversionError(f"{folder}: {e}") from None
+    finally:
+        weights.close()
+
+
+RELEASED_IMPORTERS = {"tinyllava": import_mufun, qwen2_audio.MODEL_TYPE: import_qwen2_audio}
+
+
+def import_released(out, folder, *, glue_config: str | None = None, dtype: str = "float32") -> Stats:
+    """A released folder -> jaxmusic checkpoint, by its config's `model_type`: "tinyllava" (MuFun)
+    or "qwen2_audio"; `glue_config` overrides the model's default glue settings."""
+    folder = Path(folder)
+    model_type = read_json(folder / "config.json", "a released model folder needs its config.json").get("model_type")
+    if model_type not in RELEASED_IMPORTERS:
+        raise ConversionError(f"{folder / 'config.json'}: model_type {model_type!r} is not a released layout "
+                              f"jaxmusic imports ({', '.join(RELEASED_IMPORTERS)})")
+    if model_type == "tinyllava":
+        return import_mufun(out, folder, mufun_config=glue_config, dtype=dtype)
+    return import_qwen2_audio(out, folder, glue_config=glue_config, dtype=dtype)
 
 
 def _fresh_connector(folder: Path, cfg: mufun.MuFunConfig, d_enc: int, d_llm: int, seed: int) -> None:

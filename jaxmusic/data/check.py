@@ -29,9 +29,33 @@ from jaxmusic.data.manifest import BAD_DATA
 from jaxmusic.data.packing import Rows, fill_rows
 from jaxmusic.data.pipeline import element_stream, record_dataset
 
-# `data check` has no model: MuFun's 1500 Whisper encoder frames per 30 s chunk, mean-pooled
-# by 5 (jaxmusic/configs/mufun.yaml), unless --tokens-per-chunk says otherwise.
-MUFUN_TOKENS_PER_CHUNK = 300
+DEFAULT_MODEL = "mufun"
+
+
+def model_settings(model: str) -> tuple[int, str]:
+    """`(audio tokens per 30 s chunk, prompt template)` of `model`: a jaxmusic checkpoint folder,
+    or a glue config in jaxmusic/configs/ by name (`mufun`: 300, `qwen2_audio`: 750) or path,
+    with Whisper-large-v3's 1500 encoder frames per chunk."""
+    from pathlib import Path
+
+    from jaxmusic.configs import ROOT, load_yaml
+    from jaxmusic.errors import UserError
+    from jaxmusic.models.mufun import MuFunConfig
+
+    frames = load_yaml(ROOT / "models" / "whisper-large-v3.yaml")["max_source_positions"]
+    path = Path(model)
+    try:
+        if path.is_dir():
+            from jaxmusic.checkpoints import read_meta
+
+            meta = read_meta(path)
+            cfg = MuFunConfig.from_dict(meta.get("mufun", {}))
+            frames = meta["parts"]["whisper"]["hf_config"].get("max_source_positions", frames)
+        else:
+            cfg = MuFunConfig.from_yaml(path if path.suffix in (".yaml", ".yml") else ROOT / f"{model}.yaml")
+    except (KeyError, ValueError) as e:
+        raise UserError(f"--model {model}: {e}") from None
+    return cfg.tokens_per_chunk(frames), cfg.prompt_template
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
@@ -39,7 +63,12 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser = parser or argparse.ArgumentParser(prog="jaxmusic data check", description=__doc__)
     parser.add_argument("manifests", nargs="+", metavar="MANIFEST", help="JSON list or JSONL files")
     parser.add_argument("--audio-root", required=True, help="folder the manifests' audio paths are relative to")
-    parser.add_argument("--template", default=defaults.template, choices=T.TEMPLATES)
+    parser.add_argument("--model", default=DEFAULT_MODEL,
+                        help="whose audio tokens per chunk and prompt template: a glue config name "
+                             "(mufun, qwen2_audio), a glue YAML, or a jaxmusic checkpoint (default mufun)")
+    parser.add_argument("--template", default=None, choices=T.TEMPLATES,
+                        help="prompt template (default: the model's, else "
+                             f"{defaults.template}); a stage's data.template")
     parser.add_argument("--seq-len", type=int, default=defaults.seq_len,
                         help=f"tokens per row, a stage's data.seq_len (default {defaults.seq_len})")
     parser.add_argument("--chunks-per-row", "--max-chunks", type=int, default=None,
@@ -48,9 +77,9 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.add_argument("--max-audio-seconds", type=float, default=defaults.max_audio_seconds,
                         help="keep only the start of every file, a stage's data.max_audio_seconds "
                              f"(default {defaults.max_audio_seconds:g})")
-    parser.add_argument("--tokens-per-chunk", type=int, default=MUFUN_TOKENS_PER_CHUNK,
-                        help=f"the model's audio tokens per 30 s chunk (default {MUFUN_TOKENS_PER_CHUNK}, "
-                             "MuFun's: 1500 encoder frames mean-pooled by 5)")
+    parser.add_argument("--tokens-per-chunk", type=int, default=None,
+                        help="audio tokens per 30 s chunk (default: the --model's, 300 for MuFun: "
+                             "1500 encoder frames mean-pooled by 5)")
     parser.add_argument("--batch-size", type=int, default=8, help="rows per batch, for the packing estimate")
     parser.add_argument("--tokenizer", default=None,
                         help="local Hugging Face tokenizer folder; without it token lengths count audio only")
@@ -162,6 +191,9 @@ def format_stats(s: dict) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    tokens_per_chunk, template = model_settings(args.model)
+    args.tokens_per_chunk = args.tokens_per_chunk or tokens_per_chunk
+    args.template = args.template or template
     tokenizer = _load_tokenizer(args.tokenizer)
     try:
         stats = [check_manifest(path, args, tokenizer) for path in args.manifests]

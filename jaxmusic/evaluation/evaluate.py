@@ -1,6 +1,7 @@
 """`jaxmusic eval`: multiple-choice evaluation, MuCUE's protocol end to end.
 
     jaxmusic eval CKPT --benchmark PATH [--mode generate|loglik] [--judge QWEN3_CKPT] [--out DIR]
+                       [--compare CKPT2 [--compare CKPT3 ...]]
 
 PATH is jaxmusic's JSONL benchmark file, or MuCUE as published on the Hugging Face Hub (a
 snapshot folder or one of its parquet files, read as it is; `jaxmusic.evaluation.benchmarks`).
@@ -24,6 +25,12 @@ cropped, or that is too long for the model, is reported, counted as skipped and 
 rerun. Results go to `--out`: `items.jsonl` (one record per item), `results.json` (per-subset
 `items`, `scored`, `correct`, `wrong`, `unparsed`, `skipped`, accuracy, chance; macro and micro
 averages; the published rows; parse rates; skipped items) and `accuracy.png`.
+
+Side by side (`--compare`): every checkpoint (MuFun, Qwen2-Audio, ...) is evaluated in turn
+on the same items, each into its own folder `OUT/<i>-<name>/` (resumable as above), then one
+table and one chart (`OUT/compare.json`, `OUT/compare.png`) give a column per model and, per
+subset, each model's difference from the first with its standard error, paired over the items
+both scored (`jaxmusic.evaluation.report.compare`).
 
 Scale: items go to the model in batches of `--batch-size`; several processes (`launch/local.py
 -n 8 --gpus-per-process 1 -- jaxmusic eval ...`, or `launch/slurm.sbatch eval ...`) each score
@@ -52,7 +59,8 @@ from jaxmusic import templates
 from jaxmusic.errors import UserError, run_command
 from jaxmusic.evaluation import records as records_lib
 from jaxmusic.evaluation.benchmarks import Item, ParquetAudio, read_benchmark
-from jaxmusic.evaluation.report import format_table, plot, summarise
+from jaxmusic.evaluation.report import (compare, format_comparison, format_table, plot, plot_comparison,
+                                        summarise)
 
 LETTERS = templates.LETTERS
 MAX_NEW_TOKENS = 64
@@ -134,21 +142,25 @@ def _pad_to(n: int, minimum: int = 1) -> int:
     return max(minimum, 1 << max(n - 1, 0).bit_length())
 
 
-def _generate(loaded, items: Sequence[Item], mels, batch_size: int) -> list[str]:
-    """Greedy answers (at most 64 new tokens) to the MuCUE prompts of a batch."""
+def _generate(loaded, items: Sequence[Item], audio, batch_size: int) -> list[str]:
+    """Greedy answers (at most 64 new tokens) to the MuCUE prompts of a batch (`audio`: each
+    item's `prepare_item` result)."""
     from flax import nnx
 
     from jaxmusic import inference
     from jaxmusic.generate import generate
 
     tok = loaded.tokenizer
-    texts = [templates.encode_prompt(it.prompt, len(it.audio), tok) for it in items]
+    template = loaded.cfg.prompt_template
+    texts = [templates.encode_prompt(it.prompt, len(it.audio), tok, template=template) for it in items]
     # generate compiles per batch size: pad with text-only rows, which cost the encoder nothing
     pad = batch_size - len(items)
-    filler = templates.encode_prompt(".", 0, tok)
-    plan, chunks = inference.layout_batch(loaded, texts + [filler] * pad, list(mels) + [[]] * pad)
+    filler = templates.encode_prompt(".", 0, tok, template=template)
+    mels, frames = zip(*audio)
+    plan, chunks = inference.layout_batch(loaded, texts + [filler] * pad, list(mels) + [[]] * pad,
+                                          list(frames) + [[]] * pad)
     embeds = inference.embed_batch(loaded.model, chunks, np.asarray(plan.input_ids), np.asarray(plan.audio_index),
-                              np.asarray(plan.is_audio))
+                                   np.asarray(plan.is_audio), chunk_frames=plan.chunk_frames)
     out = generate(nnx.split(loaded.model.llm), embeds, plan.lengths, max_new_tokens=MAX_NEW_TOKENS,
                    temperature=0.0, stop_ids=loaded.stop_ids)
     return [tok.decode([t for t in ids if t not in loaded.stop_ids], skip_special_tokens=True)
@@ -164,9 +176,10 @@ def _option_logprobs():
     from jaxmusic.losses import token_log_probs
 
     @nnx.jit
-    def option_logprobs(model, mel, input_ids, audio_index, is_audio, positions, valid, label_pos, label_ids):
+    def option_logprobs(model, mel, input_ids, audio_index, is_audio, positions, valid, label_pos, label_ids,
+                        chunk_frames=None):
         """log p of each answer token; logits only at answer positions (the vocabulary can be 152k)."""
-        embeds = model.inputs_embeds(mel, input_ids, audio_index, is_audio)
+        embeds = model.inputs_embeds(mel, input_ids, audio_index, is_audio, valid_frames=chunk_frames)
         h, _ = model.llm.hidden(embeds, positions, valid=valid)
         h = jnp.take_along_axis(h, label_pos[..., None], axis=1)                  # [R, K, D]
         return token_log_probs(model.llm.logits(h), label_ids)                    # [R, K]
@@ -174,15 +187,18 @@ def _option_logprobs():
     return option_logprobs
 
 
-def _loglik(loaded, items: Sequence[Item], mels, batch_size: int) -> list[list[float]]:
+def _loglik(loaded, items: Sequence[Item], audio, batch_size: int) -> list[list[float]]:
     """Total log p of every option of every item, each item's audio encoded once for all its options."""
+    from jaxmusic.inference import padding_layout
     from jaxmusic.models import splice_plan
 
+    mels, frames = zip(*audio)
     tok, cfg = loaded.tokenizer, loaded.cfg
     texts, owner = [], []
     for j, it in enumerate(items):
         prompt = it.prompt
-        texts += [templates.encode_scoring(prompt, c, len(it.audio), tok) for c in it.choices]
+        texts += [templates.encode_scoring(prompt, c, len(it.audio), tok, template=cfg.prompt_template)
+                  for c in it.choices]
         owner += [j] * len(it.choices)
     # rows padded (with copies of row 0) to a size that is the same for every full batch
     rows = _pad_to(max(len(texts), batch_size * max(len(it.choices) for it in items)))
@@ -190,9 +206,10 @@ def _loglik(loaded, items: Sequence[Item], mels, batch_size: int) -> list[list[f
     owner += [0] * pad
     counts = [[len(m) for m in mels[j]] for j in owner]
     tpc = cfg.tokens_per_chunk(loaded.frames // 2)
+    padding = padding_layout(loaded, [frames[j] for j in owner])
     plan = splice_plan.build_splice_plan(texts + texts[:1] * pad, counts, tokens_per_chunk=tpc,
                                    length_buckets=cfg.length_buckets, chunk_buckets=cfg.chunk_buckets,
-                                   pad_id=tok.pad_token_id or 0)
+                                   pad_id=tok.pad_token_id or 0, chunk_tokens=padding.get("chunk_tokens"))
     # build_splice_plan gives every row its own copy of the chunks; point all option rows of
     # an item at one copy instead, so the encoder runs once per item rather than once per option.
     row_first = np.concatenate([[0], np.cumsum([sum(c) for c in counts])[:-1]])
@@ -204,6 +221,11 @@ def _loglik(loaded, items: Sequence[Item], mels, batch_size: int) -> list[list[f
                        loaded.n_mels, loaded.frames), np.float32)
     if sum(item_chunks):
         chunks[:sum(item_chunks)] = np.concatenate([m for ms in mels for m in ms])
+    chunk_frames = None
+    if padding:  # the items' own chunks, in the order of `chunks`
+        valid = [e for files in padding_layout(loaded, frames)["chunk_frames"] for f in files for e in f]
+        chunk_frames = np.full(len(chunks), max(valid + [1]), np.int32)
+        chunk_frames[:len(valid)] = valid
 
     targets = plan.labels[:, 1:]               # the hidden state at t predicts the label at t + 1
     n_labels = (targets >= 0).sum(axis=1)
@@ -214,7 +236,7 @@ def _loglik(loaded, items: Sequence[Item], mels, batch_size: int) -> list[list[f
         pos = np.flatnonzero(targets[r] >= 0)
         label_pos[r, :len(pos)], label_ids[r, :len(pos)] = pos, targets[r, pos]
     logp = np.asarray(_option_logprobs()(loaded.model, chunks, plan.input_ids, audio_index, plan.is_audio,
-                                       plan.positions, plan.attention_mask, label_pos, label_ids))
+                                       plan.positions, plan.attention_mask, label_pos, label_ids, chunk_frames))
     totals = [float(logp[r, :n_labels[r]].sum()) for r in range(len(texts))]
     out, r = [], 0
     for it in items:
@@ -226,7 +248,8 @@ def _loglik(loaded, items: Sequence[Item], mels, batch_size: int) -> list[list[f
 # ------------------------------------------------------------------------------ running
 
 def prepare_item(loaded, item: Item, mode: str):
-    """`(log-mel chunks per audio file, None)`, or `(None, reason)` for an item to skip.
+    """`((log-mel chunks per audio file, their frames of audio), None)` (`inference.request_audio`),
+    or `(None, reason)` for an item to skip.
 
     Skipped: audio that cannot be read, decoded or cropped, an item too long for the model's
     largest length bucket, and in loglik mode an item whose option texts are unknown (a MuCUE
@@ -246,11 +269,11 @@ def prepare_item(loaded, item: Item, mode: str):
                 raise UserError("the row holds no audio bytes")
             sources.append(data)
         request = inference.Request(question=item.question, audio=tuple(sources), segments=item.segments)
-        mels = inference.request_mels(loaded, request)
+        mels, frames = inference.request_audio(loaded, request)
     except (UserError, OSError, RuntimeError, ValueError) as e:  # AudioError is a UserError
         return None, where + (str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}")
     tok, cfg = loaded.tokenizer, loaded.cfg
-    prompt = templates.encode_prompt(item.prompt, len(item.audio), tok)
+    prompt = templates.encode_prompt(item.prompt, len(item.audio), tok, template=cfg.prompt_template)
     answer = 1 + (max(len(tok(c, add_special_tokens=False)["input_ids"]) for c in item.choices)
                   if mode == "loglik" else 0)
     n_chunks = sum(map(len, mels))
@@ -258,7 +281,7 @@ def prepare_item(loaded, item: Item, mode: str):
     if length > cfg.length_buckets[-1]:
         return None, (f"{length} tokens (text and {n_chunks} audio chunks) exceed the largest "
                       f"length bucket {cfg.length_buckets[-1]} of the model's MuFun config")
-    return mels, None
+    return (mels, frames), None
 
 
 def _status(pred: int | None, answer: int) -> str:
@@ -269,14 +292,14 @@ def _score_batch(loaded, batch: Sequence[Item], prepared, mode: str, batch_size:
     """One record per item: skipped (with the reason), or the model's pick and its status."""
     records = [{"key": it.key, "id": it.id, "subset": it.subset, "status": "skipped", "error": error}
                for it, (_, error) in zip(batch, prepared) if error is not None]
-    ready = [(it, mels) for it, (mels, _) in zip(batch, prepared) if mels is not None]
+    ready = [(it, audio) for it, (audio, _) in zip(batch, prepared) if audio is not None]
     if not ready:
         return records
-    items, mels = zip(*ready)
+    items, audio = zip(*ready)
     if mode == "generate":
         from jaxmusic.evaluation.judge import read_letter
 
-        outputs = _generate(loaded, items, mels, batch_size)
+        outputs = _generate(loaded, items, audio, batch_size)
         replies = (judge.replies([it.key for it in items], [it.choices_text for it in items], outputs, batch_size)
                    if judge is not None else [None] * len(items))
         for it, text, reply in zip(items, outputs, replies):
@@ -288,7 +311,7 @@ def _score_batch(loaded, batch: Sequence[Item], prepared, mode: str, batch_size:
             rec["status"] = _status(rec["pred"], it.answer)
             records.append(rec)
     else:
-        for it, scores in zip(items, _loglik(loaded, items, mels, batch_size)):
+        for it, scores in zip(items, _loglik(loaded, items, audio, batch_size)):
             best = int(np.argmax(scores))
             pred = best if scores.count(scores[best]) == 1 else None  # an exact tie is no decision
             records.append({"key": it.key, "id": it.id, "subset": it.subset, "status": _status(pred, it.answer),
@@ -406,7 +429,10 @@ def run(checkpoint: str, benchmark: str, *, audio_root: str | None = None, mode:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from jaxmusic import distributed
 
-    p.add_argument("checkpoint", help="jaxmusic checkpoint folder, or a released MuFun (HF) folder")
+    p.add_argument("checkpoint", help="jaxmusic checkpoint folder, or a released MuFun or Qwen2-Audio (HF) folder")
+    p.add_argument("--compare", action="append", default=[], metavar="CKPT",
+                   help="also evaluate this checkpoint on the same items and report the models side by "
+                        "side, with per-subset differences from the first (repeatable)")
     p.add_argument("--benchmark", required=True, metavar="PATH",
                    help="a JSONL benchmark file, or MuCUE as published: a Hub snapshot folder or one of its "
                         "parquet files")
@@ -427,6 +453,30 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                    help="parameter and compute dtype (bfloat16 halves memory on GPUs)")
     distributed.add_arguments(p)
+
+
+def model_label(index: int, checkpoint: str) -> str:
+    """`<index>-<folder name>`: distinct even for checkpoints in same-named folders."""
+    return f"{index}-{Path(checkpoint).resolve().name}"
+
+
+def _compare(checkpoints: Sequence[str], benchmark: str, out: str | None, kw: dict) -> int | None:
+    """Evaluate each checkpoint into `OUT/<label>/`, then the side-by-side table and chart."""
+    root = Path(out) if out else Path("eval_results") / f"{Path(benchmark).stem}-{kw['mode']}-compare"
+    labels = [model_label(i, c) for i, c in enumerate(checkpoints)]
+    summaries = [run(c, benchmark, out=str(root / label), **kw) for c, label in zip(checkpoints, labels)]
+    if any(s is None for s in summaries):
+        print("this process's items are scored; the last process to finish writes the results")
+        return None
+    items = read_benchmark(benchmark, kw["audio_root"], kw["limit"])
+    cmp = compare(items, [(label, records_lib.read_records(root / label)) for label in labels])
+    cmp.update(checkpoints=dict(zip(labels, map(str, checkpoints))), benchmark=str(benchmark), mode=kw["mode"])
+    (root / "compare.json").write_text(json.dumps(cmp, indent=1))
+    plot_comparison(cmp, root / "compare.png", f"{Path(benchmark).name} ({kw['mode']})")
+    print(format_comparison(cmp))
+    print(f"comparison: {root / 'compare.json'}, chart: {root / 'compare.png'}; per model: "
+          + ", ".join(str(root / label) for label in labels))
+    return None
 
 
 def _use_own_devices(layout) -> None:
@@ -451,11 +501,13 @@ def main(argv: list[str] | None = None) -> int:
         layout = distributed.resolve_layout(args.coordinator, args.num_processes, args.process_id)
         _use_own_devices(layout)
         process = (layout.process_id, layout.num_processes) if layout else (0, 1)
+        kw = dict(audio_root=args.audio_root, mode=args.mode, limit=args.limit, batch_size=args.batch_size,
+                  dtype=args.dtype, judge=args.judge, judge_temperature=args.judge_temperature,
+                  judge_seed=args.judge_seed, process=process, stop=requested.is_set)
         try:
-            summary = run(args.checkpoint, args.benchmark, audio_root=args.audio_root, mode=args.mode,
-                          limit=args.limit, out=args.out, batch_size=args.batch_size, dtype=args.dtype,
-                          judge=args.judge, judge_temperature=args.judge_temperature, judge_seed=args.judge_seed,
-                          process=process, stop=requested.is_set)
+            if args.compare:
+                return _compare([args.checkpoint] + args.compare, args.benchmark, args.out, kw)
+            summary = run(args.checkpoint, args.benchmark, out=args.out, **kw)
         except Interrupted as e:
             print(f"{e} (SIGTERM); rerun the same command to resume", file=sys.stderr)
             return EXIT_PREEMPTED

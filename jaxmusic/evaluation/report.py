@@ -179,3 +179,110 @@ def plot(summary: dict, path: Path, title: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+# ------------------------------------------------------------------------ several models
+
+def _paired(a: Sequence[float], b: Sequence[float]) -> tuple[float, float]:
+    """Mean of `b - a` over paired items and its standard error (0 with fewer than 2 items)."""
+    d = np.asarray(b, float) - np.asarray(a, float)
+    se = float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else 0.0
+    return float(d.mean()), se
+
+
+def compare(items, runs: Sequence[tuple[str, dict]]) -> dict:
+    """Per-subset accuracy of each model, and each model's difference from the first with its
+    standard error, paired over the items both scored (same items, so the per-item differences
+    carry the uncertainty, not the two accuracies apart). `runs`: `(label, records by item key)`.
+
+    AVG difference: mean of the per-subset differences, its standard error the per-subset ones
+    combined as independent (`sqrt(sum se^2) / n_subsets`); micro: paired over all items.
+    """
+    correct = {label: {k: r["status"] == "correct" for k, r in recs.items() if r["status"] != "skipped"}
+               for label, recs in runs}
+    labels = [label for label, _ in runs]
+    base = labels[0]
+    subsets: dict[str, list] = {}
+    for it in items:
+        subsets.setdefault(it.subset, []).append(it.key)
+    out = {"models": labels, "baseline": base, "subsets": {}, "overall": {}}
+
+    def cell(keys):
+        row = {"accuracy": {}, "diff": {}, "se": {}, "paired_items": {}}
+        for label in labels:
+            scored = [correct[label][k] for k in keys if k in correct[label]]
+            row["accuracy"][label] = float(np.mean(scored)) if scored else None
+            if label != base:
+                both = [k for k in keys if k in correct[label] and k in correct[base]]
+                if both:
+                    row["diff"][label], row["se"][label] = _paired([correct[base][k] for k in both],
+                                                                   [correct[label][k] for k in both])
+                row["paired_items"][label] = len(both)
+        return row
+
+    for name in sorted(subsets):
+        out["subsets"][name] = cell(subsets[name])
+    out["overall"]["micro"] = cell([it.key for it in items])
+    macro = {"accuracy": {}, "diff": {}, "se": {}}
+    for label in labels:
+        accs = [s["accuracy"][label] for s in out["subsets"].values() if s["accuracy"][label] is not None]
+        macro["accuracy"][label] = float(np.mean(accs)) if accs else None
+        if label != base:
+            rows = [s for s in out["subsets"].values() if label in s["diff"]]
+            if rows:
+                macro["diff"][label] = float(np.mean([s["diff"][label] for s in rows]))
+                macro["se"][label] = float(np.sqrt(sum(s["se"][label] ** 2 for s in rows)) / len(rows))
+    out["overall"]["macro"] = macro
+    return out
+
+
+def format_comparison(cmp: dict) -> str:
+    """One table: a column of accuracy (%) per model, then each model's difference from the
+    first in points, +- its standard error."""
+    labels, base = cmp["models"], cmp["baseline"]
+    others = [m for m in labels if m != base]
+    rows = list(cmp["subsets"].items()) + [("AVG (macro)", cmp["overall"]["macro"]),
+                                           ("overall (micro)", cmp["overall"]["micro"])]
+    width = max(len(n) for n, _ in rows)
+    cols = [max(len(m), 6) for m in labels]
+    diff_heads = [f"{m} - {base}" for m in others]
+    dcols = [max(len(h), 13) for h in diff_heads]
+    lines = [f"models: " + "; ".join(f"[{i}] {m}" for i, m in enumerate(labels)),
+             f"{'subset':<{width}}" + "".join(f"  {m:>{w}}" for m, w in zip(labels, cols))
+             + "".join(f"  {h:>{w}}" for h, w in zip(diff_heads, dcols))]
+    for name, row in rows:
+        line = f"{name:<{width}}" + "".join(f"  {_pct(row['accuracy'][m]):>{w}}" for m, w in zip(labels, cols))
+        for m, w in zip(others, dcols):
+            text = (f"{100 * row['diff'][m]:+.1f} +- {100 * row['se'][m]:.1f}" if m in row["diff"] else "-")
+            line += f"  {text:>{w}}"
+        lines.append(line)
+    lines.append("differences in accuracy points, +- one standard error, paired over the items both models scored")
+    return "\n".join(lines)
+
+
+def plot_comparison(cmp: dict, path: Path, title: str) -> None:
+    """Bars per subset, one column per model; the differences' standard errors as error bars
+    on the compared models."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels, base = cmp["models"], cmp["baseline"]
+    rows = list(cmp["subsets"].items()) + [("AVG", cmp["overall"]["macro"]), ("micro", cmp["overall"]["micro"])]
+    names = [n for n, _ in rows]
+    x = np.arange(len(names))
+    width = 0.8 / len(labels)
+    fig, ax = plt.subplots(figsize=(max(5.0, (0.35 + 0.18 * len(labels)) * len(names) + 2), 4.2))
+    for k, label in enumerate(labels):
+        values = [np.nan if r["accuracy"][label] is None else 100 * r["accuracy"][label] for _, r in rows]
+        err = None if label == base else [100 * r["se"].get(label, np.nan) for _, r in rows]
+        ax.bar(x - 0.4 + width * (k + 0.5), values, width, yerr=err, capsize=2, label=label)
+    ax.set_xticks(x, names, rotation=40, ha="right")
+    ax.set_ylim(0, 115)
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title(title)
+    ax.legend(loc="upper left", fontsize=7, ncols=min(len(labels), 4))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -6,6 +6,19 @@
       -> connector (Linear -> exact GELU -> Linear)            [N, 300, d_llm]
       -> splice into the text embeddings at each <audio>       [B, L, d_llm]
 
+The same module is Qwen2-Audio (Chu et al. 2024, arXiv 2407.10759; transformers'
+`Qwen2AudioForConditionalGeneration`) under other settings of `MuFunConfig`
+(`jaxmusic/configs/qwen2_audio.yaml`; its released layout lives in
+`jaxmusic.models.qwen2_audio`):
+
+    encoder -> last block's raw output [N, 1500, d_enc]
+      -> pool (mean, kernel 2, stride 2), then the encoder's final LayerNorm  [N, 750, d_enc]
+      -> connector (one Linear with bias)                                       [N, 750, d_llm]
+      -> Qwen2 (the Qwen3 module with q/k/v biases and no q/k norm)
+
+`pooling` ("fuse_then_pool" | "pool_then_norm") and `connector` ("mlp" | "linear") select
+the glue, the LLM config's `model_type` the decoder, `prompt_template` the prompt.
+
 The glue (fusion, pooling, connector, splice) is pure functions of (params, arrays); the
 `MuFun` module only owns the parameters of its three parts, `whisper`, `connector` and
 `llm`, and wires them together. Its attribute names are the checkpoint's part names, so
@@ -34,10 +47,13 @@ from jaxmusic.models.hf_mapping import HFTensor
 from jaxmusic.models.qwen3 import Qwen3Config, Qwen3ForCausalLM
 from jaxmusic.models.whisper import WhisperEncoder, WhisperEncoderConfig
 from jaxmusic.nn import ModelOptions, linear
-from jaxmusic.templates import AUDIO_PLACEHOLDER
+from jaxmusic.templates import AUDIO_PLACEHOLDER, INFERENCE_TEMPLATES
 
 PARTS = ("whisper", "connector", "llm")  # in data-flow order
 CONNECTOR_INITS = ("normal", "torch_linear")
+POOLINGS = ("fuse_then_pool", "pool_then_norm")
+CONNECTORS = ("mlp", "linear")
+LAYOUTS = ("mufun", "qwen2-audio")  # released HF layouts (convert/jax_to_hf.py --part)
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "mufun.yaml"  # the released model's
 
 
@@ -45,6 +61,10 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "mufun.yam
 class MuFunConfig:
     """The glue's settings; `jaxmusic/configs/mufun.yaml` documents the released model's values."""
 
+    pooling: str = "fuse_then_pool"     # "fuse_then_pool" (MuFun) | "pool_then_norm" (Qwen2-Audio)
+    connector: str = "mlp"              # "mlp": Linear-GELU-Linear (MuFun) | "linear" (Qwen2-Audio)
+    prompt_template: str = "qwen2_instruct"  # jaxmusic.templates: how ask/score/eval render prompts
+    layout: str = "mufun"               # the released HF layout the model is exported to
     fusion_layers: tuple[int, ...] = (0, 7, 15, 32)
     pool_kernel: int = 5
     pool_stride: int = 5
@@ -52,16 +72,32 @@ class MuFunConfig:
     connector_init: str = "normal"      # "normal" (the reference's effective init) | "torch_linear"
     connector_init_std: float = 0.02    # for "normal": the LLM's initializer_range
     audio_placeholder: str = AUDIO_PLACEHOLDER
+    max_chunks_per_file: int = 0        # ask/score/eval keep only this many 30 s chunks of a file (0: all)
+    # ask/score/eval: a chunk's zero padding (past the end of a clip) is masked in the encoder and
+    # gets no audio tokens, as Qwen2-Audio does ("pool_then_norm" only); else every chunk is 30 s.
+    mask_padding: bool = False
     chunk_buckets: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256)
     length_buckets: tuple[int, ...] = (256, 512, 1024, 2048, 4096, 8192)
 
     def __post_init__(self):
         for name in ("fusion_layers", "chunk_buckets", "length_buckets"):
             object.__setattr__(self, name, tuple(int(v) for v in getattr(self, name)))
-        if not self.fusion_layers or min(self.fusion_layers) < 0:
+        if self.pooling == "pool_then_norm":
+            if self.fusion_layers:
+                raise ValueError("pooling 'pool_then_norm' reads the last block: fusion_layers must be [], got "
+                                 f"{list(self.fusion_layers)}")
+        elif not self.fusion_layers or min(self.fusion_layers) < 0:
             raise ValueError(f"fusion_layers must be non-empty hidden-state indices >= 0, got {self.fusion_layers}")
+        if self.mask_padding and self.pooling != "pool_then_norm":
+            raise ValueError("mask_padding needs pooling 'pool_then_norm'")
+        if self.max_chunks_per_file < 0:
+            raise ValueError(f"max_chunks_per_file must be >= 0, got {self.max_chunks_per_file}")
         if self.pool_kernel < 1 or self.pool_stride < 1 or self.connector_hidden_multiple < 1:
             raise ValueError("pool_kernel, pool_stride and connector_hidden_multiple must be >= 1")
+        for name, allowed in (("pooling", POOLINGS), ("connector", CONNECTORS), ("layout", LAYOUTS),
+                              ("prompt_template", INFERENCE_TEMPLATES)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if self.connector_init not in CONNECTOR_INITS:
             raise ValueError(f"connector_init must be one of {CONNECTOR_INITS}, got {self.connector_init!r}")
         for name in ("chunk_buckets", "length_buckets"):
@@ -91,13 +127,23 @@ class MuFunConfig:
         """Fusion indices address hidden states 0..n_layers (0 = embeddings, n_layers = final LN)."""
         _check_layers(self.fusion_layers, n_layers)
 
-    def connector_dims(self, d_enc: int, d_llm: int) -> tuple[int, int, int]:
-        d_in = len(self.fusion_layers) * d_enc
+    def connector_dims(self, d_enc: int, d_llm: int) -> tuple[int, ...]:
+        """Widths along the connector: `(in, hidden, out)` for "mlp", `(in, out)` for "linear"."""
+        d_in = d_enc if self.pooling == "pool_then_norm" else len(self.fusion_layers) * d_enc
+        if self.connector == "linear":
+            return d_in, d_llm
         return d_in, self.connector_hidden_multiple * d_in, d_llm
 
     def tokens_per_chunk(self, n_frames: int) -> int:
         """Audio tokens per chunk for `n_frames` encoder frames (1500 -> 300)."""
         return pooled_length(n_frames, self.pool_kernel, self.pool_stride)
+
+    def valid_lengths(self, mel_frames: int) -> tuple[int, int]:
+        """`(encoder frames, audio tokens)` of a chunk whose first `mel_frames` log-mel frames are
+        audio (the rest padding), with `mask_padding`: Qwen2-Audio's lengths (its
+        `_get_feat_extract_output_lengths`): the stride-2 convolution, then the pooling."""
+        frames = (mel_frames - 1) // 2 + 1
+        return frames, (frames - self.pool_kernel) // self.pool_stride + 1
 
 
 # ---------------------------------------------------------------------- audio path (device)
@@ -160,36 +206,58 @@ def connector_init(key: jax.Array, d_in: int, d_hidden: int, d_out: int, dtype=j
             "linear2": linear_init(keys[2], keys[3], d_hidden, d_out)}
 
 
+def linear_connector_init(key: jax.Array, d_in: int, d_out: int, dtype=jnp.float32, *,
+                          scheme: str = "normal", std: float = 0.02) -> dict:
+    """The "linear" connector `{"linear": {weight [out, in], bias}}`, drawn like `connector_init`'s
+    first Linear (Qwen2-Audio's projector is one `nn.Linear` with bias)."""
+    params = connector_init(key, d_in, d_out, d_out, dtype, scheme=scheme, std=std)
+    return {"linear": params["linear1"]}
+
+
 def init_connector(cfg: MuFunConfig, key: jax.Array, d_enc: int, d_llm: int, dtype=jnp.float32) -> dict:
-    """`connector_init` with the sizes and scheme from `cfg`."""
-    return connector_init(key, *cfg.connector_dims(d_enc, d_llm), dtype,
-                          scheme=cfg.connector_init, std=cfg.connector_init_std)
+    """`connector_init` (or `linear_connector_init`) with the sizes and scheme from `cfg`."""
+    init = linear_connector_init if cfg.connector == "linear" else connector_init
+    return init(key, *cfg.connector_dims(d_enc, d_llm), dtype, scheme=cfg.connector_init, std=cfg.connector_init_std)
 
 
 def connector_apply(params: dict, x: jax.Array, dtype=jnp.float32) -> jax.Array:
-    """Linear -> GELU (exact erf form, torch's default) -> Linear; no norm, no residual."""
+    """Linear -> GELU (exact erf form, torch's default) -> Linear; no norm, no residual.
+    A "linear" connector (`{"linear": ...}`) is its one Linear."""
     with jax.named_scope("connector"):
+        if "linear" in params:
+            return linear(x, params["linear"]["weight"], params["linear"]["bias"], dtype)
         p1, p2 = params["linear1"], params["linear2"]
         h = jax.nn.gelu(linear(x, p1["weight"], p1["bias"], dtype), approximate=False)
         return linear(h, p2["weight"], p2["bias"], dtype)
 
 
-def audio_embeddings(encoder, connector_params: dict, mel: jax.Array, cfg: MuFunConfig,
-                     dtype=None) -> jax.Array:
-    """Chunks `[N, n_mels, frames]` -> audio tokens `[N, T', d_llm]` (encoder -> fuse -> pool -> connector).
+def encoder_features(encoder, mel: jax.Array, cfg: MuFunConfig, valid_frames=None) -> jax.Array:
+    """Chunks `[N, n_mels, frames]` -> the pooled encoder features the connector reads `[N, T', F]`.
 
-    `encoder(mel)` must return all hidden states stacked `[L+1, N, T, D]`. The connector runs
-    in `dtype`, by default the encoder's output dtype.
+    "fuse_then_pool" (MuFun): `encoder(mel)` (all hidden states `[L+1, N, T, D]`), the fusion
+    layers concatenated, then mean-pooled. "pool_then_norm" (Qwen2-Audio, whose encoder pools
+    *before* its final LayerNorm): the last block's raw output mean-pooled, then the norm;
+    `valid_frames [N]` (optional) masks each chunk's padding in the encoder.
     """
-    pooled = audio_features(encoder, mel, cfg)
-    return connector_apply(connector_params, pooled, dtype or pooled.dtype)
-
-
-def audio_features(encoder, mel: jax.Array, cfg: MuFunConfig) -> jax.Array:
-    """Chunks `[N, n_mels, frames]` -> what the connector reads: fused, pooled encoder states `[N, T', F]`."""
+    if cfg.pooling == "pool_then_norm":
+        last = encoder.last_block_output(mel, valid_frames)
+        with jax.named_scope("pool"):
+            pooled = pool(last, cfg.pool_kernel, cfg.pool_stride)
+        return encoder.final_norm(pooled)
     hidden = encoder(mel)
     with jax.named_scope("fuse_pool"):
         return pool(fuse(hidden, cfg.fusion_layers), cfg.pool_kernel, cfg.pool_stride)
+
+
+def audio_embeddings(encoder, connector_params: dict, mel: jax.Array, cfg: MuFunConfig,
+                     dtype=None, valid_frames=None) -> jax.Array:
+    """Chunks `[N, n_mels, frames]` -> audio tokens `[N, T', d_llm]` (encoder -> pooling -> connector).
+
+    The connector runs in `dtype`, by default the encoder's output dtype. `valid_frames`: see
+    `encoder_features`.
+    """
+    features = encoder_features(encoder, mel, cfg, valid_frames)
+    return connector_apply(connector_params, features, dtype or features.dtype)
 
 
 def splice(text_embeds: jax.Array, audio_embeds: jax.Array, audio_index: jax.Array,
@@ -216,19 +284,25 @@ def splice(text_embeds: jax.Array, audio_embeds: jax.Array, audio_index: jax.Arr
 # ------------------------------------------------------------------------------ the module
 
 class Connector(nnx.Module):
-    """The connector's two Linears (`weight [out, in]`, `bias`), initialised by `init_connector`."""
+    """The connector's Linears (`weight [out, in]`, `bias`): "linear1" and "linear2" for the
+    "mlp" connector, "linear" for the "linear" one; initialised by `init_connector`."""
+
+    # The single Linear shards its output like the MLP's hidden side (tensor-parallel) and its
+    # input like the MLP's (the encoder features).
+    AXES = {"linear1": ("connector_mlp", "audio_embed"), "linear2": ("embed", "connector_mlp"),
+            "linear": ("connector_mlp", "audio_embed")}
 
     def __init__(self, cfg: MuFunConfig, d_enc: int, d_llm: int, opts: ModelOptions, rngs: nnx.Rngs):
         params = init_connector(cfg, rngs.params(), d_enc, d_llm, opts.param_dtype)
-        axes = {"linear1": ("connector_mlp", "audio_embed"), "linear2": ("embed", "connector_mlp")}
         for name, p in params.items():
-            setattr(self, name, nnx.Dict(weight=nnx.Param(p["weight"], axes=axes[name]),
-                                         bias=nnx.Param(p["bias"], axes=axes[name][:1])))
+            setattr(self, name, nnx.Dict(weight=nnx.Param(p["weight"], axes=self.AXES[name]),
+                                         bias=nnx.Param(p["bias"], axes=self.AXES[name][:1])))
+        self.names = tuple(params)
         self.dtype = opts.dtype
 
     def params(self) -> dict:
         return {name: {"weight": getattr(self, name)["weight"][...], "bias": getattr(self, name)["bias"][...]}
-                for name in ("linear1", "linear2")}
+                for name in self.names}
 
     def __call__(self, x):
         return connector_apply(self.params(), x, self.dtype)
@@ -243,14 +317,16 @@ class MuFun(nnx.Module):
         self.connector = Connector(cfg, whisper_cfg.d_model, llm_cfg.hidden_size, opts, rngs)
         self.llm = Qwen3ForCausalLM(llm_cfg, opts, rngs)
 
-    def audio_embeddings(self, mel):
+    def audio_embeddings(self, mel, valid_frames=None):
         """Log-mel chunks `[N, n_mels, frames]` -> audio tokens `[N, frames/2/pool, d_llm]`."""
-        return audio_embeddings(self.whisper, self.connector.params(), mel, self.cfg, dtype=self.connector.dtype)
+        return audio_embeddings(self.whisper, self.connector.params(), mel, self.cfg, dtype=self.connector.dtype,
+                                valid_frames=valid_frames)
 
-    def inputs_embeds(self, mel, input_ids, audio_index, is_audio, *, groups: int = 1):
-        """The LLM input for a batch laid out by `splice_plan.build_splice_plan`."""
+    def inputs_embeds(self, mel, input_ids, audio_index, is_audio, *, groups: int = 1, valid_frames=None):
+        """The LLM input for a batch laid out by `splice_plan.build_splice_plan` (`valid_frames`:
+        its `chunk_frames`, with `mask_padding`)."""
         text = self.llm.embed(input_ids)
-        audio = self.audio_embeddings(mel)
+        audio = self.audio_embeddings(mel, valid_frames)
         if self.llm.opts.carry_sharding is not None:
             # split by rows like the residual stream the tokens join: left to XLA, the connector's
             # output follows its FSDP weight (split along the width) and the splice's gather then
@@ -272,13 +348,19 @@ RELEASED_PREFIXES = {"whisper": "vision_tower._vision_tower.", "connector": "con
                      "llm": "language_model."}
 
 
-def connector_hf_tensors() -> list[HFTensor]:
-    """The connector's tensors, relative to `RELEASED_PREFIXES["connector"]`."""
-    return [HFTensor((lin, name), f"{lin}.{name}") for lin in ("linear1", "linear2") for name in ("weight", "bias")]
+def connector_hf_tensors(kind: str = "mlp") -> list[HFTensor]:
+    """The connector's tensors, relative to the released layout's connector prefix (MuFun's
+    `RELEASED_PREFIXES["connector"]`, Qwen2-Audio's `multi_modal_projector.`)."""
+    names = ("linear",) if kind == "linear" else ("linear1", "linear2")
+    return [HFTensor((lin, name), f"{lin}.{name}") for lin in names for name in ("weight", "bias")]
 
 
 def connector_config(cfg: MuFunConfig, d_enc: int, d_llm: int) -> dict:
-    """The connector's entry of a released config (`connector_type` "blp_<n>i_<m>x" and sizes)."""
+    """The connector's entry of a checkpoint (`connector_type` and sizes): "blp_<n>i_<m>x" (MuFun's
+    released name) for the "mlp" connector, "linear" for the one-Linear connector."""
+    if cfg.connector == "linear":
+        d_in, d_out = cfg.connector_dims(d_enc, d_llm)
+        return {"connector_type": "linear", "input_size": d_in, "output_size": d_out}
     d_in, d_hidden, d_out = cfg.connector_dims(d_enc, d_llm)
     return {"connector_type": f"blp_{len(cfg.fusion_layers)}i_{cfg.connector_hidden_multiple}x",
             "input_size": d_in, "hidden_size": d_hidden, "output_size": d_out}

@@ -1,10 +1,14 @@
-"""Qwen3 causal language model (the LLM of MuFun) in Flax NNX, with a KV cache.
+"""The Qwen decoder family (Qwen3, MuFun's LLM; Qwen2, Qwen2-Audio's) in Flax NNX, with a KV cache.
 
 Architecture (transformers' `Qwen3ForCausalLM`): token embedding; N pre-norm decoder
 layers, each RMSNorm -> grouped-query self-attention (q/k/v/o projections without
 biases, per-head RMSNorm on q and k *before* RoPE, rotate-half RoPE) -> residual,
 RMSNorm -> SwiGLU MLP (`down(silu(gate(x)) * up(x))`) -> residual; final RMSNorm;
 `lm_head` (or the embedding matrix transposed when `tie_word_embeddings`).
+
+Qwen2 (`Qwen2ForCausalLM`) is the same network with two switches of `Qwen3Config`:
+`attention_bias` (biases on the q, k and v projections, none on o) on and `qk_norm` (the
+per-head q/k RMSNorm) off. `Qwen3Config.from_hf` sets them from a config's `model_type`.
 
 Logical axis names in the params' `axes` metadata (one layer's shape for stacked params):
 
@@ -47,6 +51,9 @@ from jaxmusic.models.hf_mapping import HFTensor
 from jaxmusic.nn import Linear, ModelOptions, RMSNorm, attention, scan_layers, stack_layers
 
 
+FAMILIES = ("qwen3", "qwen2")
+
+
 @dataclasses.dataclass(frozen=True)
 class Qwen3Config:
     vocab_size: int
@@ -60,6 +67,9 @@ class Qwen3Config:
     rope_theta: float = 1_000_000.0
     tie_word_embeddings: bool = False
     max_position_embeddings: int = 32768
+    attention_bias: bool = False  # biases on q/k/v (Qwen2); o_proj never has one
+    qk_norm: bool = True          # per-head RMSNorm on q and k before RoPE (Qwen3)
+    model_type: str = "qwen3"     # the HF family these settings come from: "qwen3" | "qwen2"
 
     @property
     def n_layers(self) -> int:
@@ -67,16 +77,20 @@ class Qwen3Config:
 
     @classmethod
     def from_hf(cls, d: dict) -> "Qwen3Config":
-        """Read a transformers Qwen3 `config.json` dict (v5 `rope_parameters` or legacy `rope_theta`)."""
-        unsupported = {
-            "attention_bias": d.get("attention_bias", False),
-            "use_sliding_window": d.get("use_sliding_window", False),
-        }
+        """Read a transformers Qwen3 or Qwen2 `config.json` dict (v5 `rope_parameters` or legacy
+        `rope_theta`); `model_type` (default "qwen3") picks the family."""
+        model_type = d.get("model_type") or "qwen3"
+        if model_type not in FAMILIES:
+            raise ValueError(f"LLM config: model_type {model_type!r} is not supported (one of {FAMILIES})")
+        # Qwen3's `attention_bias` would also put a bias on o_proj, which no released Qwen3 has.
+        unsupported = {"use_sliding_window": d.get("use_sliding_window", False)}
+        if model_type == "qwen3":
+            unsupported["attention_bias"] = d.get("attention_bias", False)
         for name, value in unsupported.items():
             if value:
-                raise ValueError(f"Qwen3 config: {name}={value!r} is not supported")
+                raise ValueError(f"{model_type} config: {name}={value!r} is not supported")
         if d.get("hidden_act", "silu") != "silu":
-            raise ValueError(f"Qwen3 config: hidden_act={d['hidden_act']!r} is not supported (only 'silu')")
+            raise ValueError(f"{model_type} config: hidden_act={d['hidden_act']!r} is not supported (only 'silu')")
 
         rope = d.get("rope_parameters") or d.get("rope_scaling")
         rope_type = (rope or {}).get("rope_type", (rope or {}).get("type", "default"))
@@ -98,6 +112,9 @@ class Qwen3Config:
             rope_theta=float(theta),
             tie_word_embeddings=d.get("tie_word_embeddings", False),
             max_position_embeddings=d.get("max_position_embeddings", 32768),
+            attention_bias=model_type == "qwen2",  # Qwen2 always has q/k/v biases
+            qk_norm=model_type == "qwen3",
+            model_type=model_type,
         )
 
 
@@ -165,13 +182,15 @@ class Qwen3Attention(nnx.Module):
         d, n, k, h = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         if n % k:
             raise ValueError(f"num_attention_heads={n} is not a multiple of num_key_value_heads={k}")
-        lin = dict(use_bias=False, opts=opts, rngs=rngs)
-        self.q_proj = Linear(d, n * h, axes=("heads", "embed"), **lin)
-        self.k_proj = Linear(d, k * h, axes=("kv_heads", "embed"), **lin)
-        self.v_proj = Linear(d, k * h, axes=("kv_heads", "embed"), **lin)
-        self.o_proj = Linear(n * h, d, axes=("embed", "heads"), **lin)
-        self.q_norm = RMSNorm(h, eps=cfg.rms_norm_eps, opts=opts, axis_name="head_dim")
-        self.k_norm = RMSNorm(h, eps=cfg.rms_norm_eps, opts=opts, axis_name="head_dim")
+        lin = dict(opts=opts, rngs=rngs)
+        qkv_bias = cfg.attention_bias
+        self.q_proj = Linear(d, n * h, axes=("heads", "embed"), use_bias=qkv_bias, **lin)
+        self.k_proj = Linear(d, k * h, axes=("kv_heads", "embed"), use_bias=qkv_bias, **lin)
+        self.v_proj = Linear(d, k * h, axes=("kv_heads", "embed"), use_bias=qkv_bias, **lin)
+        self.o_proj = Linear(n * h, d, axes=("embed", "heads"), use_bias=False, **lin)
+        norm = lambda: RMSNorm(h, eps=cfg.rms_norm_eps, opts=opts, axis_name="head_dim")  # noqa: E731
+        self.q_norm = norm() if cfg.qk_norm else None
+        self.k_norm = norm() if cfg.qk_norm else None
         self.shape = (n, k, h)
         self.opts = opts
 
@@ -179,8 +198,11 @@ class Qwen3Attention(nnx.Module):
         """`kv` is this layer's `(k, v)` cache (layouts: `init_cache`) or None; returns (out, new kv)."""
         b, t, _ = x.shape
         n, k, h = self.shape
-        q = apply_rope(self.q_norm(self.q_proj(x).reshape(b, t, n, h)), cos, sin)
-        key = apply_rope(self.k_norm(self.k_proj(x).reshape(b, t, k, h)), cos, sin)
+        q = self.q_proj(x).reshape(b, t, n, h)
+        key = self.k_proj(x).reshape(b, t, k, h)
+        if self.q_norm is not None:
+            q, key = self.q_norm(q), self.k_norm(key)
+        q, key = apply_rope(q, cos, sin), apply_rope(key, cos, sin)
         value = self.v_proj(x).reshape(b, t, k, h)
         if kv is not None:
             kv = (write_slots(kv[0], key, cache_index, axis=2), write_slots(kv[1], value, cache_index, axis=1))
@@ -319,13 +341,17 @@ class Qwen3ForCausalLM(nnx.Module):
 
 
 def hf_tensors(cfg: Qwen3Config) -> list[HFTensor]:
-    """Our params <-> transformers `Qwen3ForCausalLM` keys (MuFun prefixes `language_model.`)."""
+    """Our params <-> transformers `Qwen3ForCausalLM` / `Qwen2ForCausalLM` keys (MuFun and
+    Qwen2-Audio prefix them with `language_model.`)."""
     layer = "model.layers.{i}."
     specs = [HFTensor(("embed_tokens",), "model.embed_tokens.weight")]
     for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
         specs.append(HFTensor(("layers", "self_attn", name, "weight"), f"{layer}self_attn.{name}.weight",
                               stacked=True))
-    for name in ("q_norm", "k_norm"):
+        if cfg.attention_bias and name != "o_proj":
+            specs.append(HFTensor(("layers", "self_attn", name, "bias"), f"{layer}self_attn.{name}.bias",
+                                  stacked=True))
+    for name in ("q_norm", "k_norm") if cfg.qk_norm else ():
         specs.append(HFTensor(("layers", "self_attn", name, "scale"), f"{layer}self_attn.{name}.weight",
                               stacked=True))
     for name in ("gate_proj", "up_proj", "down_proj"):

@@ -36,6 +36,9 @@ class SplicePlan:
     chunk_counts: tuple[tuple[int, ...], ...]  # per row, per audio file
     chunk_rows: int             # chunk rows per group (bucketed); the chunk batch has groups * chunk_rows
     groups: int
+    # int32 [groups * chunk_rows]: encoder frames of each chunk row that are audio (the rest is
+    # padding to mask), given `chunk_frames`; padding rows repeat the largest. None: all frames.
+    chunk_frames: np.ndarray | None = None
 
 
 def pick_bucket(n: int, buckets: Sequence[int], what: str) -> int:
@@ -47,17 +50,21 @@ def pick_bucket(n: int, buckets: Sequence[int], what: str) -> int:
 
 
 def _row_layout(sample: TokenizedText, counts: Sequence[int], tokens_per_chunk: int,
-                first_chunk: int, pad_id: int):
-    """One row's ids, labels, audio indices and audio flags, unpadded."""
+                first_chunk: int, pad_id: int, chunk_tokens=None):
+    """One row's ids, labels, audio indices and audio flags, unpadded. `chunk_tokens[i][c]`:
+    the first so many tokens of file i's chunk c are used (default all `tokens_per_chunk`)."""
     parts = []  # (ids, labels, audio_index, is_audio)
     chunk = first_chunk
     for i, (ids, mask) in enumerate(zip(sample.pieces, sample.loss_masks)):
         ids = np.asarray(ids, np.int32)
         parts.append((ids, np.where(mask, ids, IGNORE_INDEX), np.zeros_like(ids), np.zeros(len(ids), bool)))
         if i < sample.n_audio:
-            n = counts[i] * tokens_per_chunk
-            parts.append((np.full(n, pad_id, np.int32), np.full(n, IGNORE_INDEX, np.int32),
-                          chunk * tokens_per_chunk + np.arange(n, dtype=np.int32), np.ones(n, bool)))
+            used = [tokens_per_chunk] * counts[i] if chunk_tokens is None else chunk_tokens[i]
+            index = np.concatenate([(chunk + c) * tokens_per_chunk + np.arange(n, dtype=np.int32)
+                                    for c, n in enumerate(used)] + [np.zeros(0, np.int32)])
+            n = len(index)
+            parts.append((np.full(n, pad_id, np.int32), np.full(n, IGNORE_INDEX, np.int32), index,
+                          np.ones(n, bool)))
             chunk += counts[i]
     return [np.concatenate(col) for col in zip(*parts)]
 
@@ -65,7 +72,7 @@ def _row_layout(sample: TokenizedText, counts: Sequence[int], tokens_per_chunk: 
 def build_splice_plan(samples: Sequence[TokenizedText], chunk_counts: Sequence[Sequence[int]], *,
                       tokens_per_chunk: int, length_buckets: Sequence[int],
                       chunk_buckets: Sequence[int], groups: int = 1, pad_id: int = 0,
-                      truncate: bool = False) -> SplicePlan:
+                      truncate: bool = False, chunk_frames=None, chunk_tokens=None) -> SplicePlan:
     """Lay out a batch: each sample's text pieces with its files' audio tokens in between.
 
     `chunk_counts[b][i]` is the number of 30 s chunks of sample b's audio file i. Chunk rows
@@ -73,6 +80,11 @@ def build_splice_plan(samples: Sequence[TokenizedText], chunk_counts: Sequence[S
     then file order, then chunk order (see `stack_chunks`). L is the smallest length bucket
     that fits the longest row; a row longer than the largest bucket is an error, or, with
     `truncate`, is cut there as the reference does at `tokenizer_model_max_length`.
+
+    Clips shorter than their chunks (Qwen2-Audio's `mask_padding`): `chunk_frames[b][i][c]` is
+    the number of audio (not padding) encoder frames of sample b's file i's chunk c, kept in
+    the plan's `chunk_frames`; `chunk_tokens[b][i][c]` how many of that chunk's tokens are
+    spliced in (its first ones).
     """
     if len(samples) != len(chunk_counts):
         raise ValueError(f"{len(samples)} samples but {len(chunk_counts)} chunk-count lists")
@@ -87,7 +99,8 @@ def build_splice_plan(samples: Sequence[TokenizedText], chunk_counts: Sequence[S
         if any(c < 0 for c in counts):
             raise ValueError(f"sample {b}: negative chunk count in {counts}")
         g = b // per_group
-        rows.append((_row_layout(sample, counts, tokens_per_chunk, used[g], pad_id), counts))
+        tokens = None if chunk_tokens is None else chunk_tokens[b]
+        rows.append((_row_layout(sample, counts, tokens_per_chunk, used[g], pad_id, tokens), counts))
         used[g] += sum(counts)
 
     longest = max(len(ids) for (ids, *_), _ in rows)
@@ -111,8 +124,18 @@ def build_splice_plan(samples: Sequence[TokenizedText], chunk_counts: Sequence[S
         plan["is_audio"][b, :n] = is_audio[:n]
         plan["attention_mask"][b, :n] = True
         plan["positions"][b, :n] = np.arange(n)
+    frames = None
+    if chunk_frames is not None:
+        flat = [[n for f in files for n in f] for files in chunk_frames]
+        frames = np.full(groups * chunk_rows, max([n for row in flat for n in row] + [1]), np.int32)
+        filled = [0] * groups
+        for b, row in enumerate(flat):
+            g = b // per_group
+            start = g * chunk_rows + filled[g]
+            frames[start:start + len(row)] = row
+            filled[g] += len(row)
     return SplicePlan(**plan, lengths=lengths, chunk_counts=tuple(c for _, c in rows),
-                      chunk_rows=chunk_rows, groups=groups)
+                      chunk_rows=chunk_rows, groups=groups, chunk_frames=frames)
 
 
 def stack_chunks(mels: Sequence[Sequence[np.ndarray]], plan: SplicePlan,

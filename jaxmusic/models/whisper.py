@@ -154,11 +154,11 @@ class SelfAttention(nnx.Module):
         self.head_dim = cfg.head_dim
         self.opts = opts
 
-    def __call__(self, x):
+    def __call__(self, x, mask=None):
         b, t, _ = x.shape
         split = lambda y: y.reshape(b, t, self.num_heads, self.head_dim)
         out = attention(split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x)),
-                        opts=self.opts)
+                        opts=self.opts, mask=mask)
         return self.out_proj(out.reshape(b, t, -1))
 
 
@@ -174,9 +174,9 @@ class EncoderBlock(nnx.Module):
         self.fc2 = Linear(cfg.encoder_ffn_dim, cfg.d_model, axes=("embed", "mlp"), use_bias=True,
                           opts=opts, rngs=rngs)
 
-    def __call__(self, x):
+    def __call__(self, x, mask=None):
         with jax.named_scope("attention"):
-            x = x + self.self_attn(self.self_attn_layer_norm(x))
+            x = x + self.self_attn(self.self_attn_layer_norm(x), mask)
         with jax.named_scope("mlp"):
             return x + self.fc2(_gelu(self.fc1(self.final_layer_norm(x))))
 
@@ -195,13 +195,9 @@ class WhisperEncoder(nnx.Module):
         self.layers = stack_layers(cfg.n_layers, lambda r: EncoderBlock(cfg, opts, r), rngs)
         self.layer_norm = LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps, opts=opts)
 
-    def __call__(self, input_features):
-        """`[B, num_mel_bins, 2 * max_source_positions]` log-mel (HF layout) -> all hidden states.
-
-        Returns `[encoder_layers + 1, B, max_source_positions, d_model]` indexed like
-        transformers' `output_hidden_states`: 0 is the embedding output, i in 1..L-1 the raw
-        output of block i, L the last block's output after the final LayerNorm.
-        """
+    def stem(self, input_features):
+        """`[B, num_mel_bins, 2 * max_source_positions]` log-mel (HF layout) -> the embedding
+        output `[B, max_source_positions, d_model]` (convolutions + positions)."""
         cfg = self.cfg
         expected = (cfg.num_mel_bins, 2 * cfg.max_source_positions)
         if input_features.ndim != 3 or tuple(input_features.shape[1:]) != expected:
@@ -211,7 +207,20 @@ class WhisperEncoder(nnx.Module):
             x = jnp.swapaxes(input_features, 1, 2)  # channels last for the convolutions
             x = _gelu(self.conv1(x))
             x = _gelu(self.conv2(x))
-            x = x + self.embed_positions[...].astype(x.dtype)
+            return x + self.embed_positions[...].astype(x.dtype)
+
+    def final_norm(self, h):
+        with jax.named_scope("final_norm"):
+            return self.layer_norm(h)
+
+    def __call__(self, input_features):
+        """Log-mel (see `stem`) -> all hidden states.
+
+        Returns `[encoder_layers + 1, B, max_source_positions, d_model]` indexed like
+        transformers' `output_hidden_states`: 0 is the embedding output, i in 1..L-1 the raw
+        output of block i, L the last block's output after the final LayerNorm.
+        """
+        x = self.stem(input_features)
 
         def body(block, h, _):
             with jax.named_scope("encoder_layer"):
@@ -220,9 +229,25 @@ class WhisperEncoder(nnx.Module):
 
         last, per_block = scan_layers(self.layers, body, x, opts=self.opts)
         # transformers reports the final-LayerNorm output in place of the last block's raw output.
-        with jax.named_scope("final_norm"):
-            last = self.layer_norm(last)
-        return jnp.concatenate([x[None], per_block[:-1], last[None]], axis=0)
+        return jnp.concatenate([x[None], per_block[:-1], self.final_norm(last)[None]], axis=0)
+
+    def last_block_output(self, input_features, valid_frames=None):
+        """The last block's raw output `[B, max_source_positions, d_model]`, before the final
+        LayerNorm, keeping no other layer's (Qwen2-Audio pools it, then applies the norm).
+
+        `valid_frames [B]` (int, optional): frames beyond it are padding that no frame attends
+        to, as Qwen2-Audio masks a clip shorter than 30 s (its padding frames are still computed).
+        """
+        mask = None
+        if valid_frames is not None:
+            mask = (jnp.arange(self.cfg.max_source_positions)[None, :] < valid_frames[:, None])[:, None, None, :]
+
+        def body(block, h, _):
+            with jax.named_scope("encoder_layer"):
+                return block(h, mask), None
+
+        last, _ = scan_layers(self.layers, body, self.stem(input_features), opts=self.opts)
+        return last
 
 
 def hf_tensors(cfg: WhisperEncoderConfig) -> list[HFTensor]:

@@ -35,11 +35,19 @@ class ModelSection:
     # (e.g. whisper-large-v3, qwen3-8b); None: from the init checkpoint
     whisper: dict | str | None = None
     llm: dict | str | None = None
-    mufun: dict = dataclasses.field(default_factory=dict)  # MuFunConfig fields (defaults: jaxmusic/configs/mufun.yaml)
+    # MuFunConfig fields (defaults: jaxmusic/configs/mufun.yaml), or the name of a glue file in
+    # jaxmusic/configs/ (e.g. qwen2_audio: Qwen2-Audio's pooling, connector and template)
+    mufun: dict | str = dataclasses.field(default_factory=dict)
     param_dtype: str = "float32"     # master weights and optimizer state
     dtype: str = "bfloat16"          # compute
     remat: str = "dots"              # jaxmusic.nn.REMAT_POLICIES
     attention: str = "auto"
+
+    def __post_init__(self):
+        if isinstance(self.mufun, str):  # read once here, so every user of the stage sees fields
+            from jaxmusic.configs import ROOT
+
+            object.__setattr__(self, "mufun", load_yaml(ROOT / f"{self.mufun}.yaml"))
 
 
 WHISPER_POSITIONS = ("sinusoids", "zeros")

@@ -54,8 +54,8 @@ def forward_flops(whisper: WhisperEncoderConfig, llm: Qwen3Config, mufun: MuFunC
     t, d, f, m = whisper.max_source_positions, whisper.d_model, whisper.encoder_ffn_dim, whisper.num_mel_bins
     enc = 2 * (2 * t) * (3 * m) * d + 2 * t * (3 * d) * d
     enc += whisper.encoder_layers * (2 * t * 4 * d * d + 4 * t * t * d + 2 * t * 2 * d * f)
-    c_in, c_hid, c_out = mufun.connector_dims(d, llm.hidden_size)
-    conn = 2 * mufun.tokens_per_chunk(t) * (c_in * c_hid + c_hid * c_out)
+    widths = mufun.connector_dims(d, llm.hidden_size)
+    conn = 2 * mufun.tokens_per_chunk(t) * sum(a * b for a, b in zip(widths, widths[1:]))
     big_d, q = llm.hidden_size, llm.num_attention_heads * llm.head_dim
     k, big_m, n = llm.num_key_value_heads * llm.head_dim, llm.intermediate_size, llm.num_hidden_layers
     per_row = n * (2 * length * (big_d * q + 2 * big_d * k + q * big_d + 3 * big_d * big_m)

@@ -27,10 +27,11 @@ MODEL_DIR = "model"
 
 def _hf_configs(stage: StageConfig) -> dict[str, dict]:
     """Complete HF config dicts (defaults filled in by transformers), as a conversion stores them."""
-    from transformers import Qwen3Config, WhisperConfig
+    from transformers import Qwen2Config, Qwen3Config, WhisperConfig
 
-    return {"whisper": WhisperConfig(**stage.model.whisper).to_dict(),
-            "llm": Qwen3Config(**stage.model.llm).to_dict()}
+    llm = dict(stage.model.llm)
+    llm_class = Qwen2Config if llm.pop("model_type", "qwen3") == "qwen2" else Qwen3Config
+    return {"whisper": WhisperConfig(**stage.model.whisper).to_dict(), "llm": llm_class(**llm).to_dict()}
 
 
 def write_model_folder(stage_dir: Path, stage: StageConfig, step: int) -> Path:

@@ -87,7 +87,7 @@ def sampler(graphdef: nnx.GraphDef, settings: Sampling, mesh, *, frozen_encoder:
     R = P * A * G completions. `tokens` hold each completion up to and including its stop token,
     then `pad_id`; `lengths` count those tokens; `stopped` says which rows emitted a stop token.
     `features`: with a `frozen_encoder`, its output for the chunk slots `[A, P * C, T', F]`
-    (`mufun.audio_features`), which the update then reuses instead of encoding again; else None.
+    (`mufun.encoder_features`), which the update then reuses instead of encoding again; else None.
     """
     g, n = settings.generations, settings.max_new_tokens
     rows = sharding.activation_sharding(mesh)
@@ -103,7 +103,7 @@ def sampler(graphdef: nnx.GraphDef, settings: Sampling, mesh, *, frozen_encoder:
         a, p, t = prompts["input_ids"].shape
 
         def embed(mb):  # one splice group per prompt: its audio is encoded once
-            features = mufun.audio_features(model.whisper, log_mels(mb, model.whisper.cfg.num_mel_bins), model.cfg)
+            features = mufun.encoder_features(model.whisper, log_mels(mb, model.whisper.cfg.num_mel_bins), model.cfg)
             text = model.llm.embed(mb["input_ids"])
             return mufun.splice(text, model.connector(features), mb["audio_index"], mb["is_audio"], groups=p), features
 
