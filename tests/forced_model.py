@@ -88,6 +88,11 @@ def save_forced_mufun(folder: Path, tok):
     llm, qcfg = forced_qwen3(tok, answer_chain(tok))
     # blp_4i_2x: four fused encoder states (0..3), hidden width twice the fused width
     connector = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.GELU(), torch.nn.Linear(128, HIDDEN))
+    save_released(folder, wcfg, encoder, qcfg, llm, connector, tok)
+
+
+def save_released(folder: Path, wcfg, encoder, qcfg, llm, connector, tokenizer):
+    """Torch modules -> a folder in MuFun's released layout (blp_4i_2x connector, `tinyllava` config)."""
     folder.mkdir()
     tensors = {f"vision_tower._vision_tower.{k}": v for k, v in encoder.state_dict().items()}
     tensors.update({f"language_model.{k}": v for k, v in llm.state_dict().items()})
@@ -95,10 +100,10 @@ def save_forced_mufun(folder: Path, tok):
         tensors[f"connector._connector.{name}.weight"] = connector[i].weight
         tensors[f"connector._connector.{name}.bias"] = connector[i].bias
     save_file({k: v.detach().contiguous().clone() for k, v in tensors.items()}, folder / "model.safetensors")
-    config = {"model_type": "tinyllava", "connector_type": "blp_4i_2x", "hidden_size": HIDDEN,
+    config = {"model_type": "tinyllava", "connector_type": "blp_4i_2x", "hidden_size": qcfg.hidden_size,
               "vision_hidden_size": wcfg.d_model, "text_config": qcfg.to_dict(), "vision_config": wcfg.to_dict()}
     (folder / "config.json").write_text(json.dumps(config))
-    tok.save_pretrained(str(folder))
+    tokenizer.save_pretrained(str(folder))
 
 
 def forced_mufun_checkpoint(root: Path, tok) -> Path:

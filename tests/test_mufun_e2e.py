@@ -20,11 +20,12 @@ import pytest
 import soundfile as sf
 import torch
 from flax import nnx
-from safetensors.torch import save_file
 from transformers import Qwen3Config, Qwen3ForCausalLM, WhisperConfig, WhisperForConditionalGeneration
 
 from jaxmusic import audio, inference, templates
 from jaxmusic.demo.tokenizer import train_tokenizer
+
+from forced_model import save_released
 
 REPO = Path(__file__).resolve().parent.parent
 FUSION = [0, 1, 3, 4]
@@ -50,20 +51,6 @@ def _torch_mufun(seed=0):
     connector = torch.nn.Sequential(torch.nn.Linear(d_in, 2 * d_in), torch.nn.GELU(),
                                      torch.nn.Linear(2 * d_in, qcfg.hidden_size)).eval()
     return wcfg, encoder, qcfg, llm, connector, tokenizer
-
-
-def _save_released(folder: Path, wcfg, encoder, qcfg, llm, connector, tokenizer):
-    folder.mkdir()
-    tensors = {f"vision_tower._vision_tower.{k}": v for k, v in encoder.state_dict().items()}
-    tensors.update({f"language_model.{k}": v for k, v in llm.state_dict().items()})
-    for i, name in ((0, "linear1"), (2, "linear2")):
-        tensors[f"connector._connector.{name}.weight"] = connector[i].weight
-        tensors[f"connector._connector.{name}.bias"] = connector[i].bias
-    save_file({k: v.detach().contiguous().clone() for k, v in tensors.items()}, folder / "model.safetensors")
-    config = {"model_type": "tinyllava", "connector_type": "blp_4i_2x", "hidden_size": qcfg.hidden_size,
-              "vision_hidden_size": wcfg.d_model, "text_config": qcfg.to_dict(), "vision_config": wcfg.to_dict()}
-    (folder / "config.json").write_text(json.dumps(config))
-    tokenizer.save_pretrained(str(folder))
 
 
 def _write_audio(folder: Path):
@@ -102,7 +89,7 @@ def _torch_logits(llm, encoder, connector, text: templates.TokenizedText, mels):
 def released(tmp_path_factory):
     root = tmp_path_factory.mktemp("e2e")
     parts = _torch_mufun()
-    _save_released(root / "released", *parts)
+    save_released(root / "released", *parts)
     (root / "mufun.yaml").write_text(f"fusion_layers: {FUSION}\npool_kernel: {POOL}\npool_stride: {POOL}\n")
     ckpt = root / "ckpt"
     proc = subprocess.run([sys.executable, str(REPO / "convert" / "hf_to_jax.py"), "--mufun",

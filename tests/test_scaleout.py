@@ -8,12 +8,12 @@ never leaks into other test modules.
 """
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+
+from training_runs import run_on_eight_devices
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "stages" / "tiny.yaml"
@@ -42,15 +42,7 @@ def test_replicas_come_from_the_sharding_table():
 
 
 def test_one_reduction_over_data_per_step_and_single_device_results(tmp_path):
-    env = dict(os.environ, JAX_PLATFORMS="cpu",
-               # -O0: faster compiles; every number compared here comes from runs with the same flags
-               XLA_FLAGS="--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0",
-               JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"),
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
-    r = subprocess.run([sys.executable, __file__, str(tmp_path)], env=env, capture_output=True, text=True,
-                       timeout=900)
-    assert r.returncode == 0, r.stderr[-4000:]
-    res = json.loads((tmp_path / "result.json").read_text())
+    res = run_on_eight_devices(__file__, tmp_path, timeout=900)
 
     for a, hlo in res["hlo"].items():
         # nothing moves between the two replicas while the microbatches are accumulated ...

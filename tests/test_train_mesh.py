@@ -5,29 +5,21 @@ The multi-device part runs in a subprocess (this file, run as a script) so that
 """
 
 import json
-import os
 import re
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+
+from training_runs import run_on_eight_devices
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "stages" / "tiny.yaml"
 
 
 def test_one_device_and_eight_device_mesh_agree(tmp_path):
-    env = dict(os.environ, JAX_PLATFORMS="cpu",
-               # -O0: faster compiles; every number compared here comes from runs with the same flags
-               XLA_FLAGS="--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0",
-               JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"),
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
-    r = subprocess.run([sys.executable, __file__, str(tmp_path)], env=env, capture_output=True, text=True,
-                       timeout=600)
-    assert r.returncode == 0, r.stderr[-4000:]
-    res = json.loads((tmp_path / "result.json").read_text())
+    res = run_on_eight_devices(__file__, tmp_path, timeout=600)
 
     one, eight = np.array(res["one"]["loss"]), np.array(res["eight"]["loss"])
     assert len(one) == len(eight) == 6

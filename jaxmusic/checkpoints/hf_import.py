@@ -213,17 +213,27 @@ def import_mufun(out, folder, *, mufun_config: str | None = None, dtype: str = "
         raise ConversionError(f"{folder / 'config.json'}: model_type is {released.get('model_type')!r}, "
                               "expected 'tinyllava' (the released MuFun layout)")
     cfg = load_mufun_config(mufun_config)
+
+    def part_configs(tensors: dict) -> dict:
+        mufun.check_connector_type(released.get("connector_type", ""), cfg)
+        return {"whisper": mufun.infer_whisper_config(released.get("vision_config") or {}, tensors),
+                "llm": mufun.infer_qwen3_config(released.get("text_config") or {}, tensors)}
+
+    return _import_released_layout(out, folder, released, cfg, part_configs, mufun.RELEASED_PREFIXES, dtype)
+
+
+def _import_released_layout(out: Path, folder: Path, released: dict, cfg: mufun.MuFunConfig, part_configs,
+                            prefixes: dict, dtype: str) -> Stats:
+    """A released folder's three parts (`part_configs(tensors)` gives the encoder's and the LLM's
+    configs, each under its prefix) -> jaxmusic checkpoint `out`, with glue settings `cfg`."""
     refuse_existing(out)
     weights = HFWeights(folder)
     try:
-        tensors = weights.tensors
-        configs = {"whisper": mufun.infer_whisper_config(released.get("vision_config") or {}, tensors),
-                   "llm": mufun.infer_qwen3_config(released.get("text_config") or {}, tensors)}
-        d_enc, d_llm = configs["whisper"]["d_model"], configs["llm"]["hidden_size"]
-        mufun.check_connector_type(released.get("connector_type", ""), cfg)
+        configs = part_configs(weights.tensors)
         cfg.check_encoder_depth(configs["whisper"]["encoder_layers"])
-        configs["connector"] = mufun.connector_config(cfg, d_enc, d_llm)
-        sources = _released_sources(folder, weights, configs, mufun.RELEASED_PREFIXES)
+        configs["connector"] = mufun.connector_config(cfg, configs["whisper"]["d_model"],
+                                                      configs["llm"]["hidden_size"])
+        sources = _released_sources(folder, weights, configs, prefixes)
         return write_checkpoint(out, sources, dtype, mufun=cfg.to_dict(), released_config=released)
     except ValueError as e:
         if isinstance(e, ConversionError):
@@ -264,21 +274,8 @@ def import_qwen2_audio(out, folder, *, glue_config: str | None = None, dtype: st
         cfg = qwen2_audio.glue_config(glue_config)
     except (OSError, ValueError) as e:
         raise ConversionError(f"--mufun-config: {e}") from None
-    refuse_existing(out)
-    weights = HFWeights(folder)
-    try:
-        configs = qwen2_audio.part_configs(released)
-        cfg.check_encoder_depth(configs["whisper"]["encoder_layers"])
-        configs["connector"] = mufun.connector_config(cfg, configs["whisper"]["d_model"],
-                                                      configs["llm"]["hidden_size"])
-        sources = _released_sources(folder, weights, configs, qwen2_audio.RELEASED_PREFIXES)
-        return write_checkpoint(out, sources, dtype, mufun=cfg.to_dict(), released_config=released)
-    except ValueError as e:
-        if isinstance(e, ConversionError):
-            raise
-        raise ConversionError(f"{folder}: {e}") from None
-    finally:
-        weights.close()
+    return _import_released_layout(out, folder, released, cfg, lambda _: qwen2_audio.part_configs(released),
+                                   qwen2_audio.RELEASED_PREFIXES, dtype)
 
 
 RELEASED_IMPORTERS = {"tinyllava": import_mufun, qwen2_audio.MODEL_TYPE: import_qwen2_audio}
