@@ -181,6 +181,11 @@ def batch_sharding(mesh: Mesh, ndim: int, *, microbatched: bool = True) -> Named
     return NamedSharding(mesh, logical_to_spec(lead + (None,) * (ndim - len(lead)), mesh))
 
 
+def cache_sharding(mesh: Mesh) -> NamedSharding:
+    """A stacked KV cache `[layers, rows, ...]`: rows split like the batch, layers and the rest whole."""
+    return NamedSharding(mesh, logical_to_spec(("layers", "batch"), mesh))
+
+
 def activation_sharding(mesh: Mesh) -> NamedSharding:
     """Activations between layers `[rows, ...]`: rows split like the batch, the rest whole."""
     return NamedSharding(mesh, logical_to_spec(("batch",), mesh))

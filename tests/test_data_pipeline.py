@@ -16,7 +16,7 @@ from jaxmusic.data import manifest as M
 from jaxmusic.data import pipeline as P
 from jaxmusic.configs import ConfigError
 from jaxmusic.data.config import DataConfig
-from jaxmusic.data.examples import ExampleBuilder
+from jaxmusic.data.examples import ExampleBuilder, is_skip
 
 SR = 16000
 TPC = 300  # MuFun's audio tokens per 30 s chunk
@@ -185,6 +185,22 @@ def test_text_is_truncated_only_after_the_audio(data, tok):
     assert skip["skip"] == "audio_exceeds_budget"
 
 
+def test_prompts_are_cut_only_from_the_left_or_skipped(data, tok):
+    """Reinforcement-learning prompts (`prompt_tokens`): text beyond the limit is cut from the left
+    (TRL's rule); one whose cut would reach the audio, or that overflows seq_len (its end is what
+    the completion follows), is skipped as prompt_exceeds_budget."""
+    question = "<audio>\n" + " ".join(f"question{i}" for i in range(50))
+    raw = M.RawRecord("m", 1, json.dumps({"audio": "a.wav", "conversations": conv(question, "x")}).encode())
+    cfg = DataConfig(audio_root=str(data["audio"]), seq_len=800, chunks_per_row=1)
+    whole = ExampleBuilder(cfg, tok, tokens_per_chunk=TPC, with_audio=False, prompt_tokens=512)(raw)
+    assert not is_skip(whole) and whole["answer"] == "x"
+    short = ExampleBuilder(cfg, tok, tokens_per_chunk=TPC, with_audio=False, prompt_tokens=16)(raw)
+    assert short["skip"] == "prompt_exceeds_budget"
+    tight = DataConfig(audio_root=str(data["audio"]), seq_len=whole["length"] - 1, chunks_per_row=1)
+    assert ExampleBuilder(tight, tok, tokens_per_chunk=TPC, with_audio=False, prompt_tokens=512)(raw)["skip"] \
+        == "prompt_exceeds_budget"
+
+
 def test_max_audio_seconds_crops_before_chunking(data, tok):
     rec = {"audio": "long.wav", "conversations": conv("<audio>\nDescribe it.", "calm")}
     raw = M.RawRecord("m", 1, json.dumps(rec).encode())
@@ -228,7 +244,8 @@ def salted(data):
         "no_answer_within_budget": json.dumps({"audio": "long.wav",
                                                "conversations": conv(long_question, "x")}),
     }
-    assert set(bad) == set(M.SKIP_REASONS)
+    # prompt_exceeds_budget: reinforcement-learning prompts only (test_prompts_are_cut_only_from_the_left_or_skipped)
+    assert set(bad) == set(M.SKIP_REASONS) - {"prompt_exceeds_budget"}
     lines = [json.dumps(r) for r in data["records"]]
     for k, (reason, line) in enumerate(bad.items()):
         lines.insert(2 * k + 1, line)

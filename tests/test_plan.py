@@ -33,10 +33,11 @@ def plan(*args, env=None):
 
 
 @pytest.fixture(scope="session")
-def full_plan(tmp_path_factory):
+def full_plan(tmp_path_factory, worker_id):
     """`(exit code, JSON)` of the full-size plan, computed once for all xdist workers (the first
-    to take the lock compiles, the others read its result)."""
-    shared = tmp_path_factory.getbasetemp().parent
+    to take the lock compiles, the others read its result in the run's shared folder)."""
+    base = tmp_path_factory.getbasetemp()
+    shared = base if worker_id == "master" else base.parent
     with open(shared / "full_plan.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         done = shared / "full_plan.json"

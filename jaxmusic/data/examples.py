@@ -128,8 +128,9 @@ def truncate_prompt(text: T.TokenizedText, max_tokens: int) -> T.TokenizedText:
 
 
 def fit_to_budget(text: T.TokenizedText, chunk_counts, cfg: DataConfig,
-                  tokens_per_chunk: int) -> tuple[T.TokenizedText, bool]:
-    """Applies the budget rules of the module docstring; returns (text, was_truncated)."""
+                  tokens_per_chunk: int, *, prompt: bool = False) -> tuple[T.TokenizedText, bool]:
+    """Applies the budget rules of the module docstring; returns (text, was_truncated). A
+    `prompt`'s end is what its completion follows: it is never cut."""
     total_chunks = int(sum(chunk_counts))
     if total_chunks > cfg.chunks_per_row:
         raise BadSample("audio_exceeds_budget",
@@ -142,6 +143,8 @@ def fit_to_budget(text: T.TokenizedText, chunk_counts, cfg: DataConfig,
     room = cfg.seq_len - audio_end
     if len(text.pieces[-1]) <= room:
         return text, False
+    if prompt:
+        raise BadSample("prompt_exceeds_budget", f"the prompt does not fit seq_len={cfg.seq_len}")
     pieces = text.pieces[:-1] + (text.pieces[-1][:room],)
     masks = text.loss_masks[:-1] + (text.loss_masks[-1][:room],)
     if not any(m.any() for m in masks):
@@ -227,10 +230,8 @@ class ExampleBuilder:
         if cfg.max_audio_seconds is not None:  # a crop of the audio, before any chunking
             waves = [w[: int(round(cfg.max_audio_seconds * A.SAMPLE_RATE))] for w in waves]
         counts = np.array([A.count_chunks(len(w)) for w in waves], np.int32)
-        text, truncated = fit_to_budget(text, counts, cfg, self.tokens_per_chunk)
-        if truncated and extra:  # a prompt's end is what the completion follows: never cut
-            raise BadSample("prompt_exceeds_budget", f"the prompt does not fit seq_len={cfg.seq_len}")
-        example = {**extra, 
+        text, truncated = fit_to_budget(text, counts, cfg, self.tokens_per_chunk, prompt=bool(extra))
+        example = {**extra,
             "pieces": list(text.pieces), "loss_masks": list(text.loss_masks), "chunks": counts,
             "length": int(sum(len(p) for p in text.pieces) + counts.sum() * self.tokens_per_chunk),
             "seconds": float(sum(len(w) for w in waves) / A.SAMPLE_RATE), "truncated": truncated,

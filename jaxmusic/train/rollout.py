@@ -33,7 +33,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding
 
 from jaxmusic import sharding
 from jaxmusic.generate import pick_tokens
@@ -91,7 +90,7 @@ def sampler(graphdef: nnx.GraphDef, settings: Sampling, mesh, *, frozen_encoder:
     """
     g, n = settings.generations, settings.max_new_tokens
     rows = sharding.activation_sharding(mesh)
-    cache_rows = NamedSharding(mesh, sharding.logical_to_spec(("layers", "batch", None, None), mesh))
+    cache_rows = sharding.cache_sharding(mesh)
     stop = jnp.asarray(settings.stop_ids, jnp.int32)
 
     def pick(logits, key, i):
