@@ -1,13 +1,12 @@
-"""`jaxmusic demo`, shortened: corpus -> tokenizer -> three training stages -> eval -> report.
+"""`jaxmusic demo`, shortened: corpus -> tokenizer -> four training stages -> eval -> report.
 
-Eight minutes of the demo's schedule (about 8 minutes on 2 cores) on 300 training clips and 60
-held-out ones (304 four-option questions). It checks the machinery (every artefact, the
-trained model loading for eval/ask and exporting to the released layout, resuming, refusing
-changed settings) and that the model learns to hear: held-out accuracy of at least 40% overall
-and above 30% on every task, against a chance of 25%. Measured on a 2-core VM (2026-11-27):
-69% overall and 42-90% per task (sections is the hardest). With an earlier draw of the random
-weights it read 55% overall (41-78% per task), and 72% (35-100%) with the corpus drawn from
-another seed (corpus.seed=1). The full ten-minute demo reaches 65-75% (README, "Demo").
+Eight minutes of the demo's schedule on 300 training clips and 60 held-out ones (304
+four-option questions, answered in generate mode). It checks the machinery (every artefact,
+the trained model loading for eval/ask and exporting to the released layout, resuming,
+refusing changed settings) and that the model learns to hear: held-out accuracy after GRPO of
+at least 40% overall and above 30% on every task, against a chance of 25%. Measured on a 2-core
+VM (2026-12-04, shared, load 5-8): 60.5% overall after instruct (30-92% per task) and 55.9% after
+GRPO (35-85%): the short GRPO stage does not raise the accuracy (README, "Demo").
 """
 
 import json
