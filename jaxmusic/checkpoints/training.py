@@ -150,9 +150,10 @@ def _quiet_aborted_io() -> None:
     Orbax runs each operation on its own asyncio loop. When one part fails the loop closes
     while TensorStore is still finishing the other parts: their completion callbacks raise
     "Event loop is closed", and Orbax's coroutines for them are dropped with their own
-    errors unread (unraisable exceptions: one traceback each). Orbax also logs every failed
-    part of a background save with its traceback. The failure itself is reported once, with
-    its cause, by `restore_newest` and `SaveError`.
+    errors unread (unraisable exceptions, or asyncio's "Task exception was never retrieved":
+    one traceback each). Orbax also logs every failed part of a background save with its
+    traceback. The failure itself is reported once, with its cause, by `restore_newest` and
+    `SaveError`.
     """
     global _quieted
     if _quieted:
@@ -174,6 +175,16 @@ def _quiet_aborted_io() -> None:
         return True
 
     logging.getLogger("absl").addFilter(one_line)
+
+    def not_an_orbax_task(record: logging.LogRecord) -> bool:
+        tb = record.exc_info[2] if record.exc_info else None
+        while tb is not None:
+            if "orbax" in tb.tb_frame.f_code.co_filename:
+                return False
+            tb = tb.tb_next
+        return True
+
+    logging.getLogger("asyncio").addFilter(not_an_orbax_task)
 
 
 class Checkpoints:
