@@ -387,3 +387,21 @@ def test_two_processes_stop_together_when_preempted_during_a_resumes_set_up(two_
         assert _steps(workdir / "tiny") == [4]
     else:
         assert "preempted: saved step 5 " in err and _steps(workdir / "tiny") == [4, 5], err[-4000:]
+
+
+def test_only_the_trainer_asks_the_preemption_sync_point(tmp_path, monkeypatch):
+    """JAX's sync point answers True to the call whose id meets the agreed point, whoever calls.
+    Orbax's manager asks it on every save with the training step; interleaved with the trainer's
+    own count, that call could take the notice and the run would train to the end of the stage
+    (seen under load: SLURM requeued the job, the training exited 0 at the last step)."""
+    from jax.experimental import multihost_utils
+
+    from jaxmusic.checkpoints.training import Checkpoints
+
+    asked = []
+    monkeypatch.setattr(multihost_utils, "reached_preemption_sync_point", lambda step: asked.append(step) or True)
+    ckpts = Checkpoints(tmp_path / "checkpoints", C.CheckpointSection(every_steps=2))
+    state = {"w": np.arange(4, dtype=np.float32)}
+    saved = [ckpts.save(step, state, state, {}, {"step": step}, {}) for step in (1, 2, 3)]
+    ckpts.wait()
+    assert saved == [False, True, False] and asked == []

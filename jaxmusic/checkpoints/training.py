@@ -187,6 +187,21 @@ def _quiet_aborted_io() -> None:
     logging.getLogger("asyncio").addFilter(not_an_orbax_task)
 
 
+class _Manager(ocp.CheckpointManager):
+    """Orbax's manager without its own preemption check.
+
+    JAX's preemption sync point answers True to the call whose id equals the agreed step, the
+    ids being whatever its callers pass. The trainer asks it once per step with its own count
+    (`jaxmusic.train.preemption`) and saves with `force=True` when told to stop; Orbax's
+    `should_save`/`save` would also ask, with the training step. The two sequences interleave,
+    and when Orbax's id is the one that meets the agreed point the trainer never hears of the
+    notice and trains to the end of the stage instead of exiting 75.
+    """
+
+    def reached_preemption(self, step: int) -> bool:
+        return False
+
+
 class Checkpoints:
     """Save and restore a stage's training state."""
 
@@ -199,7 +214,7 @@ class Checkpoints:
         self._handlers = {"params": ocp.StandardCheckpointHandler(), "opt_state": ocp.StandardCheckpointHandler(),
                           "data": DataStateHandler(), "meta": ocp.JsonCheckpointHandler(),
                           "config": ocp.JsonCheckpointHandler()}
-        self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=self._handlers)
+        self.manager = _Manager(self.directory, options=options, item_handlers=self._handlers)
         self._in_flight: int | None = None  # the step an asynchronous save is writing
         self._failed = False
         _quiet_aborted_io()

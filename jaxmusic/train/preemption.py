@@ -47,7 +47,8 @@ class Preemption:
         """Stop here? Call at the same points on every process (before the first step, after each).
 
         The preemption service counts these calls, not training steps: a resumed stage and the
-        next stage of a schedule keep counting up, as its sync protocol needs.
+        next stage of a schedule keep counting up, as its sync protocol needs. This is its only
+        caller: the checkpoint manager is kept from asking it too (`jaxmusic.checkpoints.training`).
         """
         self._calls += 1
         if not self._stop:
