@@ -59,7 +59,14 @@ def make_tokenizer(out: Path):
     return train_tokenizer(texts, vocab_size=1024, out_dir=out, space_joins="previous")
 
 
-def make_stage(args, tok_dir: Path, vocab: int) -> config_lib.StageConfig:
+def prompt_budget(tokenizer) -> int:
+    """`data.seq_len` of the stage: the longest prompt rounded up to 16 positions, as a user sizes
+    it for a dataset (TRL pads to the longest prompt of each batch)."""
+    longest = max(sum(len(p) for p in templates.encode_prompt(q, 0, tokenizer).pieces) for q, _ in QUESTIONS)
+    return -(-longest // 16) * 16
+
+
+def make_stage(args, tok_dir: Path, vocab: int, seq_len: int) -> config_lib.StageConfig:
     tiny = yaml.safe_load(TINY.read_text())
     heads = max(args.hidden // 64, 1)
     llm = dict(vocab_size=vocab, hidden_size=args.hidden, intermediate_size=3 * args.hidden,
@@ -72,7 +79,7 @@ def make_stage(args, tok_dir: Path, vocab: int) -> config_lib.StageConfig:
         "grpo": {"generations": args.generations, "max_new_tokens": args.max_new_tokens, "temperature": 1.0,
                  "top_p": 1.0, "beta": 0.0, "epsilon": 0.2, "aggregation": "bnpo", "iterations": 1,
                  "rewards": [{"name": "exact_once", "weight": 1.0}]},
-        "data": {"source": "manifests", "tokenizer": str(tok_dir), "seq_len": 64, "chunks_per_row": 1},
+        "data": {"source": "manifests", "tokenizer": str(tok_dir), "seq_len": seq_len, "chunks_per_row": 1},
         "batch": {"global_batch": args.prompts * args.generations},
         "optimizer": {"lr": 1e-6, "weight_decay": 0.0, "clip_norm": 1.0, "schedule": "constant", "warmup_steps": 0},
         "steps": 1000, "mesh": {"data": 1, "fsdp": -1, "tensor": 1},
@@ -230,7 +237,7 @@ def main(argv=None) -> int:
 
     work = Path(tempfile.mkdtemp(prefix="bench_grpo_"))
     tokenizer = make_tokenizer(work / "tok")
-    stage = make_stage(args, work / "tok", len(tokenizer))
+    stage = make_stage(args, work / "tok", len(tokenizer), prompt_budget(tokenizer))
     jaxmusic = JaxmusicGRPO(stage, tokenizer, work, args.prompts)
     theirs, diff, threads = run_trl(args, stage, tokenizer, jaxmusic)
     ours = median_after_warmup(jaxmusic.times)

@@ -7,12 +7,14 @@ layout) turned left-padded on the host (`left_align`), so every prompt ends at p
 
 `sampler` encodes each prompt's audio once, gives its embeddings to the prompt's G
 completions, and samples them with one prefill and a `lax.while_loop` of one-token decode
-steps over the model's scanned layers, until every row has emitted a stop token or
-`max_new_tokens` are out. Token i of the step uses key `fold_in(key, i)` with `key =
-fold_in(key(seed), step)`: a rollout is a function of the parameters, the prompts, the seed
-and the step, so a resumed run samples exactly what the uninterrupted one did. Rows are
-ordered (prompt, microbatch, completion), so each data-parallel shard samples the groups of
-its own prompts.
+steps, until every row has emitted a stop token or `max_new_tokens` are out. The steps run
+the model's scanned layers; on CPU, where XLA copies a layer's weights out of the stack
+before every matmul, the stacks are sliced into per-layer arrays once, before the loop, and
+the layers run unrolled over a per-layer cache (`jaxmusic.generate.hidden_states`). Token i
+of the step uses key `fold_in(key, i)` with `key = fold_in(key(seed), step)`: a rollout is a
+function of the parameters, the prompts, the seed and the step, so a resumed run samples
+exactly what the uninterrupted one did. Rows are ordered (prompt, microbatch, completion), so
+each data-parallel shard samples the groups of its own prompts.
 
 `finisher` turns the rewards into group advantages and lays the rollouts out for the train
 step (`jaxmusic.losses.grpo`): per microbatch, the G rows of a prompt are its prompt followed
@@ -35,7 +37,7 @@ import numpy as np
 from flax import nnx
 
 from jaxmusic import sharding
-from jaxmusic.generate import pick_tokens
+from jaxmusic.generate import hidden_states, pick_tokens
 from jaxmusic.losses import completion_log_probs, group_advantages, log_mels
 from jaxmusic.models import mufun
 from jaxmusic.train import optim
@@ -89,6 +91,7 @@ def sampler(graphdef: nnx.GraphDef, settings: Sampling, mesh, *, frozen_encoder:
     (`mufun.encoder_features`), which the update then reuses instead of encoding again; else None.
     """
     g, n = settings.generations, settings.max_new_tokens
+    per_layer = all(d.platform == "cpu" for d in mesh.devices.flat)
     rows = sharding.activation_sharding(mesh)
     cache_rows = sharding.cache_sharding(mesh)
     stop = jnp.asarray(settings.stop_ids, jnp.int32)
@@ -114,7 +117,11 @@ def sampler(graphdef: nnx.GraphDef, settings: Sampling, mesh, *, frozen_encoder:
         llm = model.llm
         cache = jax.tree.map(lambda c: jax.lax.with_sharding_constraint(c, cache_rows if c.ndim == 4 else rows),
                              llm.init_cache(embeds.shape[0], t + n))
-        h, cache = llm.hidden(embeds, positions, valid=valid, cache=cache, cache_index=0)
+        layers = None
+        if per_layer:  # CPU: sliced once, before the loop (module docstring)
+            stacked = nnx.state(llm.layers)
+            layers = [jax.tree.map(lambda w, i=i: w[i], stacked) for i in range(llm.cfg.num_hidden_layers)]
+        h, cache = hidden_states(llm, layers, embeds, positions, valid=valid, cache=cache, cache_index=0)
         first = pick(llm.logits(h[:, -1]), key, 0)
         tokens = jnp.full((embeds.shape[0], n), settings.pad_id, jnp.int32).at[:, 0].set(first)
 
@@ -125,8 +132,8 @@ def sampler(graphdef: nnx.GraphDef, settings: Sampling, mesh, *, frozen_encoder:
         def step(carry):  # feed token i, pick token i + 1
             i, tokens, done, cache = carry
             current = jax.lax.dynamic_index_in_dim(tokens, i, axis=1, keepdims=False)
-            h, cache = llm.hidden(llm.embed(current[:, None]), (lengths + i)[:, None], cache=cache,
-                                  cache_index=t + i)
+            h, cache = hidden_states(llm, layers, llm.embed(current[:, None]), (lengths + i)[:, None], cache=cache,
+                                     cache_index=t + i)
             new = jnp.where(done, settings.pad_id, pick(llm.logits(h[:, 0]), key, i + 1))
             tokens = jax.lax.dynamic_update_index_in_dim(tokens, new, i + 1, axis=1)
             return i + 1, tokens, done | jnp.isin(new, stop), cache
