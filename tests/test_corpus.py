@@ -161,7 +161,7 @@ def test_manifests_are_valid_mufun_samples(built, tmp_path):
     # The inference prompt (ending in "ASSISTANT: ") is tokenised as in training, so a
     # model trained from scratch on it sees at inference the context it learnt to answer in.
     prompt = templates.encode_prompt(corpus.QUESTIONS["tempo"][0], 1, tok).pieces[-1]
-    trained = templates.encode_scoring(corpus.QUESTIONS["tempo"][0], "rapid", 1, tok).pieces[-1]
+    trained = templates.encode_scoring(corpus.QUESTIONS["tempo"][0], "very fast", 1, tok).pieces[-1]
     assert np.array_equal(trained[:len(prompt)], prompt)
     durations = {s["file"]: s["duration"] for s in _specs(built)}
     for name in corpus.MANIFESTS:

@@ -10,7 +10,7 @@ every beat of one tempo shared by the whole clip:
 * a pitched section repeats either one note (C4-B5, MIDI 60-83) or a root-position triad
   on C4 whose quality is major, minor, diminished or augmented;
 * tempo: one of four classes far apart (slow 56-66, moderate 84-96, fast 120-136,
-  rapid 168-184 BPM);
+  very fast 168-184 BPM);
 * number of distinct sections: 1-4 (consecutive sections never share an instrument).
 
 Clips last `min_seconds`-`max_seconds` (default 1-75 s: log-uniform up to 30 s, and
@@ -81,9 +81,7 @@ SYNTH_VERSION = 2   # part of every file name's digest: bump when the synthesis 
 INSTRUMENTS = ("plucked string", "bowed string", "brass", "mallet percussion", "drum kit")
 PITCHED = INSTRUMENTS[:4]
 CHORDS = {"major": (0, 4, 7), "minor": (0, 3, 7), "diminished": (0, 3, 6), "augmented": (0, 4, 8)}
-# No class name contains another: MuFun's GRPO reward (`exact_once`) counts an answer that
-# contains the ground truth, so "very fast" would earn the reward of "fast".
-TEMPI = {"slow": (56, 66), "moderate": (84, 96), "fast": (120, 136), "rapid": (168, 184)}
+TEMPI = {"slow": (56, 66), "moderate": (84, 96), "fast": (120, 136), "very fast": (168, 184)}
 SECTION_WORDS = ("one", "two", "three", "four")
 NOTE_RANGE = (60, 83)   # held single notes, C4..B5 inclusive
 CHORD_ROOT = 60         # every chord is built on C4 (see the module docstring)
