@@ -38,6 +38,7 @@ import yaml  # noqa: E402
 from jaxmusic import rewards, templates  # noqa: E402
 from jaxmusic.data.pipeline import PROMPT_FIELDS  # noqa: E402
 from jaxmusic.demo.tokenizer import train_tokenizer  # noqa: E402
+from jaxmusic.generate import round_up  # noqa: E402
 from jaxmusic.models import qwen3  # noqa: E402
 from jaxmusic.models.hf_mapping import hf_weights  # noqa: E402
 from jaxmusic.models.splice_plan import build_splice_plan  # noqa: E402
@@ -63,7 +64,7 @@ def prompt_budget(tokenizer) -> int:
     """`data.seq_len` of the stage: the longest prompt rounded up to 16 positions, as a user sizes
     it for a dataset (TRL pads to the longest prompt of each batch)."""
     longest = max(sum(len(p) for p in templates.encode_prompt(q, 0, tokenizer).pieces) for q, _ in QUESTIONS)
-    return -(-longest // 16) * 16
+    return round_up(longest, 16)
 
 
 def make_stage(args, tok_dir: Path, vocab: int, seq_len: int) -> config_lib.StageConfig:
