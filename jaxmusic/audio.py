@@ -134,6 +134,20 @@ def _load_npy(path: str) -> tuple[np.ndarray, int]:
     return wav.astype(np.float32)[:, None], SAMPLE_RATE
 
 
+def _mono(data: np.ndarray) -> np.ndarray:
+    """`[n, channels]` float32 -> `[n]`: the channels' mean, bit-identical to
+    `np.mean(data.T, axis=0)` (librosa's mixdown: the rows added in order, then divided), without
+    that layout's copy of the whole signal; a mono file costs no copy at all."""
+    channels = data.shape[1]
+    if channels == 1:
+        return data[:, 0]
+    wav = data[:, 0].copy()
+    for c in range(1, channels):
+        wav += data[:, c]
+    wav /= np.float32(channels)
+    return wav
+
+
 def _crop(
     wav: np.ndarray,
     rate: int,
@@ -206,10 +220,11 @@ def load_audio(
         data, rate = _load_npy(path) if path.endswith(".npy") else _decode(path)
     if data.size == 0:
         raise AudioError(f"audio file {path} contains no samples")
-    if not np.isfinite(data).all():
+    wav = _mono(data)
+    # Checked on the mix (1/channels of the work): a NaN or Inf sample makes its mix
+    # sample NaN or Inf.
+    if not np.isfinite(wav).all():
         raise AudioError(f"audio file {path} contains NaN or Inf samples")
-    # Channel-major mean: ~2.7x faster than averaging the interleaved [n, channels] layout.
-    wav = np.ascontiguousarray(data.T).mean(axis=0, dtype=np.float32)
     if start is not None or end is not None:
         wav = _crop(wav, rate, start, end, end_tolerance, path)
     return _resample(wav, rate, sr)

@@ -5,9 +5,10 @@ the stage's mesh, read in place: no copy, no second model). A step's prompts arr
 data pipeline's microbatches, `[A, P, T]` (A microbatches of P prompts, `jaxmusic.data.packing`
 layout) turned left-padded on the host (`left_align`), so every prompt ends at position T - 1.
 
-`sampler` encodes each prompt's audio once, gives its embeddings to the prompt's G
-completions, and samples them with one prefill and a `lax.while_loop` of one-token decode
-steps, until every row has emitted a stop token or `max_new_tokens` are out. The steps run
+`sampler` encodes each prompt's audio once and runs the prompt through the LLM once (the
+prefill), then gives copies of its KV cache to the prompt's G completions and samples them
+with a `lax.while_loop` of one-token decode steps, until every row has emitted a stop token
+or `max_new_tokens` are out. The steps run
 the model's scanned layers; on CPU, where XLA copies a layer's weights out of the stack
 before every matmul, the stacks are sliced into per-layer arrays once, before the loop, and
 the layers run unrolled over a per-layer cache (`jaxmusic.generate.hidden_states`). Token i
@@ -81,6 +82,19 @@ def _microbatches(x: jax.Array, prompts: int, microbatches: int) -> jax.Array:
     return jnp.swapaxes(x, 0, 1).reshape(microbatches, -1, *x.shape[3:])
 
 
+def _repeat_cache(cache: dict, generations: int, kv_heads: int) -> dict:
+    """A KV cache of prompt rows (`init_cache`'s layout, stacked or per-layer lists) with every row
+    repeated `generations` times in place, as `_rows` orders completions."""
+    def repeat(x, axis, heads):
+        shape = x.shape
+        x = x.reshape(*shape[:axis], shape[axis] // heads, heads, *shape[axis + 1:])
+        return jnp.repeat(x, generations, axis=axis).reshape(*shape[:axis], -1, *shape[axis + 1:])
+
+    kv = lambda x: repeat(x, x.ndim - 3, kv_heads)  # noqa: E731  rows*K is the axis before the last two
+    return {"k": jax.tree.map(kv, cache["k"]), "v": jax.tree.map(kv, cache["v"]),
+            "valid": repeat(cache["valid"], 0, 1)}
+
+
 def sampler(graphdef: nnx.GraphDef, settings: Sampling, mesh, *, frozen_encoder: bool):
     """`sample(params, prompts, key) -> (tokens [R, N], lengths [R], stopped [R], features)`, jitted.
 
@@ -110,20 +124,21 @@ def sampler(graphdef: nnx.GraphDef, settings: Sampling, mesh, *, frozen_encoder:
             return mufun.splice(text, model.connector(features), mb["audio_index"], mb["is_audio"], groups=p), features
 
         embeds, features = jax.lax.map(embed, prompts)
-        embeds = jax.lax.with_sharding_constraint(_rows(embeds, g), rows)
-        valid = _rows(prompts["attention_mask"], g)
-        positions = _rows(prompts["positions"], g)
-        lengths = valid.sum(axis=1)
+        embeds = jax.lax.with_sharding_constraint(_rows(embeds, 1), rows)
+        valid = _rows(prompts["attention_mask"], 1)
         llm = model.llm
-        cache = jax.tree.map(lambda c: jax.lax.with_sharding_constraint(c, cache_rows if c.ndim == 4 else rows),
-                             llm.init_cache(embeds.shape[0], t + n))
+        constrain = lambda c: jax.lax.with_sharding_constraint(c, cache_rows if c.ndim == 4 else rows)  # noqa: E731
         layers = None
         if per_layer:  # CPU: sliced once, before the loop (module docstring)
             stacked = nnx.state(llm.layers)
             layers = [jax.tree.map(lambda w, i=i: w[i], stacked) for i in range(llm.cfg.num_hidden_layers)]
-        h, cache = hidden_states(llm, layers, embeds, positions, valid=valid, cache=cache, cache_index=0)
-        first = pick(llm.logits(h[:, -1]), key, 0)
-        tokens = jnp.full((embeds.shape[0], n), settings.pad_id, jnp.int32).at[:, 0].set(first)
+        # the prompt once, then its G completions continue from copies of its cache
+        h, cache = hidden_states(llm, layers, embeds, _rows(prompts["positions"], 1), valid=valid,
+                                 cache=jax.tree.map(constrain, llm.init_cache(embeds.shape[0], t + n)), cache_index=0)
+        cache = jax.tree.map(constrain, _repeat_cache(cache, g, llm.cfg.num_key_value_heads))
+        lengths = jnp.repeat(valid.sum(axis=1), g)
+        first = pick(llm.logits(jnp.repeat(h[:, -1], g, axis=0)), key, 0)
+        tokens = jnp.full((first.shape[0], n), settings.pad_id, jnp.int32).at[:, 0].set(first)
 
         def more(carry):
             i, _, done, _ = carry
