@@ -56,13 +56,13 @@ def test_full_size_stages_fit_16_a100_40gb(full_plan):
     assert list(stages) == ["p1", "p2", "p3", "p4", "f1", "f2"]
     for s in stages.values():
         # at least 10% of the pool free for what the compiler does not count (cuDNN workspaces);
-        # reached 2026-12-04: p1 28%, p2 37%, p3 81%, p4 90%, f1 88%, f2 88% (its sampler 72%)
+        # reached 2026-12-04: p1 28%, p2 37%, p3 81%, p4 90%, f1 88%, f2 88% (its sampler 65%)
         assert s["fits"] and s["peak"] <= 0.9 * s["pool"], (s["name"], s["peak"] / GIB)
         assert s["params"] > 0 and s["temporaries"] > 0
         # remat full recomputes the forward pass: compiled FLOPs exceed the model's (reached 1.0-1.4x)
         assert 1.0 <= s["compiled_flops"] / s["model_flops"] < 1.6, s["name"]
         assert s["step_s"] > 0 and s["audio_hours_per_day"] > 0
-    # GRPO's sampler, the whole step's rollouts with their KV cache, is planned too (reached 72%)
+    # GRPO's sampler, the whole step's rollouts with their KV cache, is planned too (reached 65%)
     assert 0 < stages["f2"]["rollout_peak"] <= min(stages["f2"]["peak"], 0.9 * stages["f2"]["pool"])
     assert code == 0 and result["fits"]
     # float32 master weights of 8.9B parameters over fsdp 8: 4.16 GiB per GPU; AdamW twice that
