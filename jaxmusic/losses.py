@@ -144,25 +144,33 @@ def grpo_objective(logp, old_logp, advantages, mask, *, ref_logp=None, microbatc
 def completion_log_probs(model, batch: dict, group_size: int):
     """Per-token log-probs and entropies `[B, N]` of a GRPO microbatch's completions.
 
-    Layout (`jaxmusic.train.rollout`): row b is its prompt, then the N completion slots
-    (`completion [B, N]`), then padding, which causal attention keeps out of view; position
-    `completion_start [B]` predicts the first completion token. The `group_size` rows of a
-    prompt share its chunk slots (one splice group per prompt, so its audio is encoded once).
-    With a frozen encoder the batch holds its output as the sampler computed it
-    (`audio_features`) instead of the audio. Logits are computed for the N positions that
-    predict the completion only (MuFun's vocabulary is 152k).
+    Layout (`jaxmusic.train.rollout`): the microbatch's P prompts as right-padded rows (`input_ids`,
+    `positions`, `audio_index`, `is_audio`, `attention_mask` `[P, T]`, with their chunk slots;
+    one splice group per row) and their completions `completion [B, N]`, B = P * `group_size`,
+    a prompt's completions consecutive. As in the sampler, the LLM runs each prompt once, and
+    every completion attends to its prompt's keys and values, read in place
+    (`hidden_shared_prompts`), so a prompt's compute is spent once per group, not once per
+    completion: completion token i has RoPE position `len + i` and sees the prompt's tokens (not
+    its padding) and the completion before it. With a frozen encoder the batch holds its output
+    as the sampler computed it (`audio_features`) instead of the audio. Logits are computed for
+    the N positions that predict the completion only (MuFun's vocabulary is 152k).
     """
     if "audio_features" in batch:
         audio = model.connector(batch["audio_features"])
     else:
         audio = model.audio_embeddings(log_mels(batch, model.whisper.cfg.num_mel_bins))
-    groups = batch["input_ids"].shape[0] // group_size
-    embeds = splice(model.llm.embed(batch["input_ids"]), audio, batch["audio_index"], batch["is_audio"],
-                    groups=groups)
-    h, _ = model.llm.hidden(embeds, batch["positions"])
+    llm = model.llm
+    prompts, t = batch["input_ids"].shape
     n = batch["completion"].shape[1]
-    at = batch["completion_start"][:, None] + jnp.arange(n)
-    logits = model.llm.logits(jnp.take_along_axis(h, at[..., None], axis=1)).astype(jnp.float32)
+    embeds = splice(llm.embed(batch["input_ids"]), audio, batch["audio_index"], batch["is_audio"], groups=prompts)
+    valid = batch["attention_mask"].astype(bool)
+    lengths = valid.sum(axis=1)
+    positions = jnp.repeat(lengths, group_size)[:, None] + jnp.arange(n)
+    h, h_completion = llm.hidden_shared_prompts(embeds, batch["positions"], valid, llm.embed(batch["completion"]),
+                                                positions)
+    last = jnp.take_along_axis(h, (lengths - 1)[:, None, None], axis=1)  # predicts completion token 0
+    h = jnp.concatenate([jnp.repeat(last, group_size, axis=0), h_completion[:, :-1]], axis=1)
+    logits = llm.logits(h).astype(jnp.float32)
     with jax.named_scope("loss"):
         logp = token_log_probs(logits, batch["completion"])
         fixed = jax.lax.stop_gradient(logits)  # the entropy is a metric

@@ -21,7 +21,7 @@ import yaml
 from flax import nnx
 
 from jaxmusic import rewards as R
-from jaxmusic.losses import LOSSES, completion_log_probs, group_advantages, grpo_objective, next_token_log_probs
+from jaxmusic.losses import LOSSES, completion_log_probs, group_advantages, grpo_objective, token_log_probs
 from jaxmusic.train import optim, rollout
 from training_runs import final_item, lines, run_until, saved_steps
 
@@ -231,9 +231,29 @@ def test_sampler_is_deterministic_given_seed_and_step(tiny):
     assert len({tuple(r) for r in a[0][:3]}) > 1  # a group's completions differ
 
 
+def _whole_rows(model, mb, g):
+    """The model's logits over each completion row written out whole -- its prompt (padding
+    masked), then the completion -- with no cache, and the positions that predict completion
+    token i: an independent reading of the sequence the update scores."""
+    p, t = mb["input_ids"].shape
+    b, n = mb["completion"].shape
+    rep = lambda x: jnp.repeat(x, g, axis=0)  # noqa: E731
+    lengths = rep(mb["attention_mask"].sum(1))
+    ids = jnp.concatenate([rep(mb["input_ids"]), mb["completion"]], axis=1)
+    positions = jnp.concatenate([rep(mb["positions"]), lengths[:, None] + jnp.arange(n)], axis=1)
+    pad = lambda x: jnp.pad(rep(x), ((0, 0), (0, n)))  # noqa: E731
+    key_ok = jnp.concatenate([rep(mb["attention_mask"]), jnp.ones((b, n), bool)], axis=1)
+    causal = jnp.tril(jnp.ones((t + n, t + n), bool))
+    logits = model(mb["mel"], ids, pad(mb["audio_index"]), pad(mb["is_audio"]), positions,
+                   mask=(key_ok[:, None, :] & causal)[:, None], groups=p)
+    at = jnp.concatenate([lengths[:, None] - 1, jnp.broadcast_to(t + jnp.arange(n - 1), (b, n - 1))], axis=1)
+    return logits, at
+
+
 def test_sampler_and_update_see_the_same_sequence(tiny):
-    """With top_k=1 every sampled token is the argmax of the model's forward pass over the
-    finished batch (prompt, completion, padding; causal, no mask): same positions and audio."""
+    """With top_k=1 every sampled token is the argmax of the model's forward pass over the whole
+    rows (prompt, completion), without a cache: same positions and audio. The update's own
+    log-probs (prompt once, completions over its cache) are those of the whole rows."""
     sampled = _sample(tiny, top_k=1)
     assert (sampled[1] == 6).all() and not sampled[2].any()
     tokens, lengths, stopped, _ = _sample(tiny, top_k=1, stop=(int(sampled[0][0, 0]),))
@@ -241,17 +261,20 @@ def test_sampler_and_update_see_the_same_sequence(tiny):
 
     scores = np.tile([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]], (4, 1)).astype(np.float32)
     batch, stats = _finish(tiny, sampled, scores)
-    assert batch["input_ids"].shape == (2, 6, 38)  # per microbatch: 2 prompts x 3 completions, 32 + 6 positions
-    assert batch["mel"].shape[1] == 4              # ... and the 2 prompts' chunk slots only
+    assert batch["input_ids"].shape == (2, 2, 32)  # per microbatch: 2 prompts of 32 positions, once each
+    assert batch["completion"].shape == (2, 6, 6)  # ... their 3 completions each, 6 tokens
+    assert batch["mel"].shape[1] == 4              # ... and the 2 prompts' chunk slots
     assert float(stats["reward"]) == pytest.approx(0.5) and float(stats["reward_1"]) == pytest.approx(1 / 3)
     assert float(stats["no_signal_groups"]) == 0 and float(stats["truncated"]) == 1
     model = nnx.merge(tiny["graphdef"], tiny["params"])
     for a in range(2):
         mb = {k: v[a] for k, v in batch.items()}
-        logits = model(mb["mel"], mb["input_ids"], mb["audio_index"], mb["is_audio"], mb["positions"], groups=2)
-        at = mb["completion_start"][:, None] + jnp.arange(6)
-        np.testing.assert_array_equal(np.asarray(jnp.argmax(jnp.take_along_axis(logits, at[..., None], 1), -1)),
-                                      np.asarray(mb["completion"]))
+        logits, at = _whole_rows(model, mb, 3)
+        picked = jnp.take_along_axis(logits, at[..., None], 1)
+        np.testing.assert_array_equal(np.asarray(jnp.argmax(picked, -1)), np.asarray(mb["completion"]))
+        logp = completion_log_probs(model, mb, 3)[0]
+        np.testing.assert_allclose(np.asarray(logp), np.asarray(token_log_probs(picked, mb["completion"])),
+                                   rtol=0, atol=1e-5)
     # the update reads the sampler's encoder output instead of encoding again: the same log-probs
     reused, _ = _finish(tiny, sampled, scores, features=True)
     assert "mel" not in reused and reused["audio_features"].shape[:2] == (2, 4)
@@ -262,7 +285,7 @@ def test_sampler_and_update_see_the_same_sequence(tiny):
 
 def test_one_update_is_reinforce_with_a_group_baseline(tiny):
     """beta 0, one update per batch: the ratio is 1 and the gradient is that of
-    -sum(A_i log p(o_i)) / tokens, written here from the model's whole logits."""
+    -sum(A_i log p(o_i)) / tokens, written here from the model's logits over the whole rows."""
     sampled = _sample(tiny)
     rewards = np.random.default_rng(1).random((12, 2)).astype(np.float32)
     batch, _ = _finish(tiny, sampled, rewards, aggregation="token_mean")
@@ -275,15 +298,9 @@ def test_one_update_is_reinforce_with_a_group_baseline(tiny):
         return total / weight
 
     def reinforce(train):
-        model = nnx.merge(tiny["graphdef"], optim.merge(train, frozen))
-        logits = model(mb["mel"], mb["input_ids"], mb["audio_index"], mb["is_audio"], mb["positions"], groups=2)
-        # completion token i sits at completion_start + 1 + i
-        at = mb["completion_start"][:, None] + 1 + jnp.arange(6)
-        rows = jnp.arange(mb["input_ids"].shape[0])[:, None]
-        labels = jnp.full(mb["input_ids"].shape, -100).at[rows, at].set(
-            jnp.where(mb["completion_mask"], mb["completion"], -100))
-        logp, _ = next_token_log_probs(logits, labels)
-        return -(mb["advantages"][:, None] * logp).sum() / mb["completion_mask"].sum()
+        logits, at = _whole_rows(nnx.merge(tiny["graphdef"], optim.merge(train, frozen)), mb, 3)
+        logp = token_log_probs(jnp.take_along_axis(logits, at[..., None], 1), mb["completion"])
+        return -(mb["advantages"][:, None] * logp * mb["completion_mask"]).sum() / mb["completion_mask"].sum()
 
     got, want = jax.grad(grpo_loss)(train), jax.grad(reinforce)(train)
     for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want)):

@@ -56,7 +56,7 @@ def test_full_size_stages_fit_16_a100_40gb(full_plan):
     assert list(stages) == ["p1", "p2", "p3", "p4", "f1", "f2"]
     for s in stages.values():
         # at least 10% of the pool free for what the compiler does not count (cuDNN workspaces);
-        # reached 2026-12-04: p1 28%, p2 37%, p3 81%, p4 90%, f1 88%, f2 88% (its sampler 65%)
+        # reached 2026-12-04: p1 28%, p2 37%, p3 81%, p4 90%, f1 88%, f2 78% (its sampler 65%)
         assert s["fits"] and s["peak"] <= 0.9 * s["pool"], (s["name"], s["peak"] / GIB)
         assert s["params"] > 0 and s["temporaries"] > 0
         # remat full recomputes the forward pass: compiled FLOPs exceed the model's (reached 1.0-1.4x)

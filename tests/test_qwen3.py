@@ -10,6 +10,7 @@ from flax import nnx
 
 from jaxmusic.generate import first_argmax, generate, hidden_states, layer_views, pick_tokens
 from jaxmusic.models.hf_mapping import hf_weights, load_hf_weights
+from jaxmusic.models import qwen3
 from jaxmusic.models.qwen3 import Qwen3Config, Qwen3ForCausalLM, hf_tensors
 from jaxmusic.nn import ModelOptions
 
@@ -162,6 +163,26 @@ def test_unrolled_layer_views_match_scan(untied):
         # is ~2e-6 from the cache-free forward, the bound of test_kv_cache_matches_full_forward)
         assert np.abs(np.asarray(got) - np.asarray(ref)).max() <= 5e-6
     assert np.abs(np.stack(views_cache["k"]) - np.asarray(scan_cache["k"])).max() <= 5e-6  # reached 1.4e-6
+
+
+@pytest.mark.parametrize("t", [24, 128])  # one block; two blocks of PREFIX_QUERY_BLOCK queries
+def test_prefix_attention_is_attention_over_a_copied_cache(t):
+    """Rows continuing a shared prompt attend to its keys in place as they would to a copy of
+    its cache followed by their own keys (`cached_attention`), in blocks or not."""
+    rng = np.random.default_rng(0)
+    p, g, k, heads, h, s = 2, 3, 2, 2, 8, 40
+    normal = lambda *shape: jnp.asarray(rng.normal(size=shape), jnp.float32)  # noqa: E731
+    q, key, value = normal(p * g, t, k * heads, h), normal(p * g, t, k, h), normal(p * g, t, k, h)
+    prefix_k, prefix_v = normal(p * k, h, s), normal(p * k, s, h)
+    valid = jnp.asarray(np.arange(s) < np.array([[30], [40]]))
+    got = qwen3.prefix_attention(q, key, value, prefix_k, prefix_v, valid)
+    copy = lambda x: jnp.repeat(x.reshape(p, k, *x.shape[1:]), g, axis=0).reshape(-1, *x.shape[1:])  # noqa: E731
+    cache_k = jnp.concatenate([copy(prefix_k), key.transpose(0, 2, 3, 1).reshape(-1, h, t)], axis=-1)
+    cache_v = jnp.concatenate([copy(prefix_v), value.transpose(0, 2, 1, 3).reshape(-1, t, h)], axis=1)
+    allowed = jnp.concatenate([jnp.broadcast_to(jnp.repeat(valid, g, 0)[:, None, None], (p * g, 1, t, s)),
+                               jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)), (p * g, 1, t, t))], axis=-1)
+    want = qwen3.cached_attention(q, cache_k, cache_v, allowed)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=1e-6)
 
 
 def test_greedy_generate_matches_transformers(pair):

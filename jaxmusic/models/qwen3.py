@@ -177,6 +177,53 @@ def cached_attention(q, cache_k, cache_v, allowed):
     return out.reshape(b, k, g, t, h).transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
 
 
+# Queries per block of `prefix_attention`: its float32 scores span the whole prompt, so a block's
+# scores, recomputed in the backward pass, are what it holds at once.
+PREFIX_QUERY_BLOCK = 64
+
+
+def prefix_attention(q, key, value, prefix_k, prefix_v, prefix_valid):
+    """Attention of rows that continue a shared prompt, over the prompt's cache and themselves.
+
+    `q [B, T, N, H]`, `key`/`value [B, T, K, H]`: B = P * G rows, the G continuations of each of
+    P prompts consecutive. `prefix_k [P*K, H, S]`, `prefix_v [P*K, S, H]`: one layer of the
+    prompts' cache (`init_cache`'s layout), `prefix_valid [P, S]` its real slots. Query t of a
+    row sees its prompt's valid slots and keys 0..t of its own row; the prompt's keys are read
+    once per prompt, not copied per row. The math of `cached_attention`, in blocks of
+    `PREFIX_QUERY_BLOCK` queries, each rematerialised in the backward pass.
+    """
+    b, t, n, h = q.shape
+    k = key.shape[2]
+    p, s = prefix_valid.shape
+    g, heads = b // p, n // k
+    f32 = jnp.float32
+    scale, never = jnp.array(1 / np.sqrt(h), f32), -0.7 * jnp.finfo(f32).max
+    prefix_k = prefix_k.reshape(p, k, h, s).astype(q.dtype)
+    prefix_v = prefix_v.reshape(p, k, s, h)
+    own_k = key.reshape(p, g, t, k, h).astype(q.dtype)
+    own_v = value.reshape(p, g, t, k, h).astype(prefix_v.dtype)
+
+    def block(q_block, first):  # queries first, first + 1, ... of every row
+        c = q_block.shape[2]
+        on_prefix = jnp.einsum("pgtkqh,pkhs->pgkqts", q_block, prefix_k, preferred_element_type=f32) * scale
+        on_prefix = jnp.where(prefix_valid[:, None, None, None, None, :], on_prefix, never)
+        on_self = jnp.einsum("pgtkqh,pgukh->pgkqtu", q_block, own_k, preferred_element_type=f32) * scale
+        on_self = jnp.where((first + jnp.arange(c))[:, None] >= jnp.arange(t), on_self, never)
+        probs = jax.nn.softmax(jnp.concatenate([on_prefix, on_self], axis=-1), axis=-1).astype(prefix_v.dtype)
+        return (jnp.einsum("pgkqts,pksh->pgtkqh", probs[..., :s], prefix_v)
+                + jnp.einsum("pgkqtu,pgukh->pgtkqh", probs[..., s:], own_v))
+
+    q = q.reshape(p, g, t, k, heads, h)
+    size = PREFIX_QUERY_BLOCK
+    if t <= size or t % size:
+        out = block(q, 0)
+    else:
+        blocks = q.reshape(p, g, t // size, size, k, heads, h).swapaxes(0, 2).swapaxes(1, 2)  # [T/c, p, g, c, ...]
+        out = jax.lax.map(lambda a: jax.checkpoint(block)(*a), (blocks, size * jnp.arange(t // size)))
+        out = out.swapaxes(1, 2).swapaxes(0, 2).reshape(p, g, t, k, heads, h)
+    return out.astype(q.dtype).reshape(b, t, n, h)
+
+
 class Qwen3Attention(nnx.Module):
     def __init__(self, cfg: Qwen3Config, opts: ModelOptions, rngs: nnx.Rngs):
         d, n, k, h = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -194,8 +241,10 @@ class Qwen3Attention(nnx.Module):
         self.shape = (n, k, h)
         self.opts = opts
 
-    def __call__(self, x, cos, sin, allowed, kv, cache_index):
-        """`kv` is this layer's `(k, v)` cache (layouts: `init_cache`) or None; returns (out, new kv)."""
+    def __call__(self, x, cos, sin, allowed, kv, cache_index, *, shared_prefix: bool = False):
+        """`kv` is this layer's `(k, v)` cache (layouts: `init_cache`) or None; returns (out, new kv).
+        With `shared_prefix`, `kv` is a prompt cache the rows continue and `allowed` its valid
+        slots (`prefix_attention`); the cache is not written (new kv None)."""
         b, t, _ = x.shape
         n, k, h = self.shape
         q = self.q_proj(x).reshape(b, t, n, h)
@@ -204,12 +253,14 @@ class Qwen3Attention(nnx.Module):
             q, key = self.q_norm(q), self.k_norm(key)
         q, key = apply_rope(q, cos, sin), apply_rope(key, cos, sin)
         value = self.v_proj(x).reshape(b, t, k, h)
+        if shared_prefix:
+            return self.o_proj(prefix_attention(q, key, value, *kv, allowed).reshape(b, t, n * h)), None
         if kv is not None:
             kv = (write_slots(kv[0], key, cache_index, axis=2), write_slots(kv[1], value, cache_index, axis=1))
         if kv is None or (isinstance(cache_index, int) and cache_index == 0):
             # Written from slot 0, the queries sit in slots [0, T) and see no later slot:
             # the T new keys are all they can attend to.
-            mask = allowed if kv is None else allowed[..., :t]
+            mask = allowed if kv is None or allowed is None else allowed[..., :t]
             out = attention(q, key, value, opts=self.opts, mask=mask, is_causal=True)
         else:
             out = cached_attention(q, kv[0], kv[1], allowed)
@@ -236,9 +287,10 @@ class Qwen3DecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, **norm)
         self.mlp = Qwen3MLP(cfg, opts, rngs)
 
-    def __call__(self, x, cos, sin, allowed, kv, cache_index):
+    def __call__(self, x, cos, sin, allowed, kv, cache_index, *, shared_prefix: bool = False):
         with jax.named_scope("attention"):
-            attn_out, kv = self.self_attn(self.input_layernorm(x), cos, sin, allowed, kv, cache_index)
+            attn_out, kv = self.self_attn(self.input_layernorm(x), cos, sin, allowed, kv, cache_index,
+                                          shared_prefix=shared_prefix)
             x = x + attn_out
         with jax.named_scope("mlp"):
             x = x + self.mlp(self.post_attention_layernorm(x))
@@ -278,6 +330,18 @@ class Qwen3ForCausalLM(nnx.Module):
         return {"k": jnp.zeros((c.num_hidden_layers, rows, c.head_dim, max_len), dtype),
                 "v": jnp.zeros((c.num_hidden_layers, rows, max_len, c.head_dim), dtype),
                 "valid": jnp.zeros((batch, max_len), bool)}
+
+    def repeat_cache(self, cache: dict, times: int) -> dict:
+        """`cache` (`init_cache`'s layout, or per-layer lists of its `k` and `v`) with every batch
+        row repeated `times` times in place: row b becomes rows `b * times ... b * times + times - 1`."""
+        def repeat(x, axis, heads):
+            shape = x.shape
+            x = x.reshape(*shape[:axis], shape[axis] // heads, heads, *shape[axis + 1:])
+            return jnp.repeat(x, times, axis=axis).reshape(*shape[:axis], -1, *shape[axis + 1:])
+
+        kv = lambda x: repeat(x, x.ndim - 3, self.cfg.num_key_value_heads)  # noqa: E731  rows*K: third from last
+        return {"k": jax.tree.map(kv, cache["k"]), "v": jax.tree.map(kv, cache["v"]),
+                "valid": repeat(cache["valid"], 0, 1)}
 
     def layer_inputs(self, positions, *, mask=None, valid=None, cache=None, cache_index=None):
         """What every layer of one call shares: `(cos, sin, allowed, slot_valid)`.
@@ -322,6 +386,35 @@ class Qwen3ForCausalLM(nnx.Module):
         new_cache = None if cache is None else {"k": new_kv[0], "v": new_kv[1], "valid": slot_valid}
         with jax.named_scope("final_norm"):
             return self.norm(x), new_cache
+
+    def hidden_shared_prompts(self, prompt_embeds, prompt_positions, prompt_valid, inputs_embeds, positions):
+        """Final-normed hidden states of P prompts `[P, S, D]` and of their continuations `[P * G, T, D]`.
+
+        `prompt_valid [P, S]` marks each prompt's tokens, which must precede its padding (causal
+        attention alone then keeps the padding out of their view); `inputs_embeds` holds the G
+        continuations of each prompt, consecutive, at RoPE `positions [P * G, T]`. One pass over
+        the layers: each runs the prompts, then the continuations, which attend to that layer's
+        prompt keys in place (`prefix_attention`): a prompt is computed once, not once per
+        continuation, and every weight's gradient comes out of one scan.
+        """
+        p, s = prompt_valid.shape
+        k, h = self.cfg.num_key_value_heads, self.cfg.head_dim
+        dtype = self.opts.dtype
+        rope = lambda pos: rope_cos_sin(pos, h, self.cfg.rope_theta, dtype)  # noqa: E731
+        (cos_p, sin_p), (cos, sin) = rope(prompt_positions), rope(positions)
+
+        def body(layer, carry, _):
+            x_p, x = carry
+            with jax.named_scope("decoder_layer"):
+                empty = (jnp.zeros((p * k, h, s), dtype), jnp.zeros((p * k, s, h), dtype))
+                x_p, kv = layer(x_p, cos_p, sin_p, None, empty, 0)
+                x, _ = layer(x, cos, sin, prompt_valid, kv, None, shared_prefix=True)
+            return (x_p, x), None
+
+        (x_p, x), _ = scan_layers(self.layers, body, (prompt_embeds.astype(dtype), inputs_embeds.astype(dtype)),
+                                  opts=self.opts)
+        with jax.named_scope("final_norm"):
+            return self.norm(x_p), self.norm(x)
 
     def output_table(self):
         """The `[V, D]` matrix logits are computed with: `lm_head.weight`, or the tied embeddings."""

@@ -12,6 +12,10 @@ M = MLP width, V = vocabulary, N layers (causal attention counts the half it com
 
     LLM        N [ 2L(DQ + 2DK + QD + 3DM) + 2 L^2 Q ]  +  2LDV
 
+A GRPO update runs P prompt rows of L tokens without logits, then its completion rows of
+L' tokens over the prompt's cache: N [ 2L'(DQ + 2DK + QD + 3DM) + 4 L' (L + L'/2) Q ] + 2L'DV
+each (`jaxmusic.losses.completion_log_probs`).
+
 A training step costs forward + backward. The backward of a part costs 2x its forward if
 it has trainable parameters (input and weight gradients), 1x if it is frozen but a part
 before it is trainable (input gradients only), and nothing otherwise. Rematerialisation
@@ -49,8 +53,10 @@ def peak_flops(device_kind: str, override_tflops: float | None = None) -> float 
 
 
 def forward_flops(whisper: WhisperEncoderConfig, llm: Qwen3Config, mufun: MuFunConfig, *,
-                  chunk_rows: int, rows: int, length: int) -> dict[str, float]:
-    """Forward matmul FLOPs of each part for one microbatch (see the module docstring)."""
+                  chunk_rows: int, rows: int, length: int,
+                  completions: tuple[int, int] | None = None) -> dict[str, float]:
+    """Forward matmul FLOPs of each part for one microbatch (see the module docstring);
+    `completions` (rows, length): a GRPO update's, whose prompts are the `rows`."""
     t, d, f, m = whisper.max_source_positions, whisper.d_model, whisper.encoder_ffn_dim, whisper.num_mel_bins
     enc = 2 * (2 * t) * (3 * m) * d + 2 * t * (3 * d) * d
     enc += whisper.encoder_layers * (2 * t * 4 * d * d + 4 * t * t * d + 2 * t * 2 * d * f)
@@ -58,10 +64,15 @@ def forward_flops(whisper: WhisperEncoderConfig, llm: Qwen3Config, mufun: MuFunC
     conn = 2 * mufun.tokens_per_chunk(t) * sum(a * b for a, b in zip(widths, widths[1:]))
     big_d, q = llm.hidden_size, llm.num_attention_heads * llm.head_dim
     k, big_m, n = llm.num_key_value_heads * llm.head_dim, llm.intermediate_size, llm.num_hidden_layers
-    per_row = n * (2 * length * (big_d * q + 2 * big_d * k + q * big_d + 3 * big_d * big_m)
-                   + 2 * length * length * q) + 2 * length * big_d * llm.vocab_size
-    return {"whisper": float(chunk_rows * enc), "connector": float(chunk_rows * conn),
-            "llm": float(rows * per_row)}
+    dense = 2 * (big_d * q + 2 * big_d * k + q * big_d + 3 * big_d * big_m)  # per token and layer
+    logits = 2 * big_d * llm.vocab_size  # per token
+    if completions is None:
+        lm = rows * (n * (dense * length + 2 * length * length * q) + logits * length)
+    else:
+        c_rows, c_len = completions
+        lm = rows * n * (dense * length + 2 * length * length * q)
+        lm += c_rows * (n * (dense * c_len + 4 * c_len * (length + c_len / 2) * q) + logits * c_len)
+    return {"whisper": float(chunk_rows * enc), "connector": float(chunk_rows * conn), "llm": float(lm)}
 
 
 def step_flops(forward: dict[str, float], trainable_parts: set[str], microbatches: int) -> float:

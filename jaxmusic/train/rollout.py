@@ -18,14 +18,14 @@ exactly what the uninterrupted one did. Rows are ordered (prompt, microbatch, co
 each data-parallel shard samples the groups of its own prompts.
 
 `finisher` turns the rewards into group advantages and lays the rollouts out for the train
-step (`jaxmusic.losses.grpo`): per microbatch, the G rows of a prompt are its prompt followed
-by one completion each, then the padding, sharing the prompt's chunk slots (one splice group
-per prompt, so the update also encodes the audio once per prompt). Sampling and training see
-the same sequence: completion token i has RoPE position `len + i` and attends to the prompt's
-tokens and the completion before it. With the padding at the end of a row, causal attention
-alone keeps it out of every real token's view: the update needs no mask, which keeps it on
-cuDNN's fused attention (whose batching rule cannot take a per-row mask under the train
-step's vmap over data-parallel replicas).
+step (`jaxmusic.losses.grpo`): per microbatch, its P prompts as right-padded rows with their
+chunk slots (so the update, too, encodes a prompt's audio and runs its tokens once), and the
+P * G completions, a prompt's G consecutive. Sampling and training see the same sequence:
+completion token i has RoPE position `len + i` and attends to the prompt's tokens and the
+completion before it (`jaxmusic.losses.completion_log_probs`). The prompt pass runs with
+causal attention alone (its padding comes after it and the completions skip those slots), so
+no per-row mask reaches the fused attention kernels: JAX's batching rule for cuDNN attention
+cannot take one under the train step's vmap over data-parallel replicas.
 """
 
 from __future__ import annotations
@@ -82,19 +82,6 @@ def _microbatches(x: jax.Array, prompts: int, microbatches: int) -> jax.Array:
     return jnp.swapaxes(x, 0, 1).reshape(microbatches, -1, *x.shape[3:])
 
 
-def _repeat_cache(cache: dict, generations: int, kv_heads: int) -> dict:
-    """A KV cache of prompt rows (`init_cache`'s layout, stacked or per-layer lists) with every row
-    repeated `generations` times in place, as `_rows` orders completions."""
-    def repeat(x, axis, heads):
-        shape = x.shape
-        x = x.reshape(*shape[:axis], shape[axis] // heads, heads, *shape[axis + 1:])
-        return jnp.repeat(x, generations, axis=axis).reshape(*shape[:axis], -1, *shape[axis + 1:])
-
-    kv = lambda x: repeat(x, x.ndim - 3, kv_heads)  # noqa: E731  rows*K is the axis before the last two
-    return {"k": jax.tree.map(kv, cache["k"]), "v": jax.tree.map(kv, cache["v"]),
-            "valid": repeat(cache["valid"], 0, 1)}
-
-
 def sampler(graphdef: nnx.GraphDef, settings: Sampling, mesh, *, frozen_encoder: bool):
     """`sample(params, prompts, key) -> (tokens [R, N], lengths [R], stopped [R], features)`, jitted.
 
@@ -135,7 +122,7 @@ def sampler(graphdef: nnx.GraphDef, settings: Sampling, mesh, *, frozen_encoder:
         # the prompt once, then its G completions continue from copies of its cache
         h, cache = hidden_states(llm, layers, embeds, _rows(prompts["positions"], 1), valid=valid,
                                  cache=jax.tree.map(constrain, llm.init_cache(embeds.shape[0], t + n)), cache_index=0)
-        cache = jax.tree.map(constrain, _repeat_cache(cache, g, llm.cfg.num_key_value_heads))
+        cache = jax.tree.map(constrain, llm.repeat_cache(cache, g))
         lengths = jnp.repeat(valid.sum(axis=1), g)
         first = pick(llm.logits(jnp.repeat(h[:, -1], g, axis=0)), key, 0)
         tokens = jnp.full((first.shape[0], n), settings.pad_id, jnp.int32).at[:, 0].set(first)
@@ -180,29 +167,20 @@ def finisher(graphdef: nnx.GraphDef, trainable: frozenset, mesh, *, generations:
     def finish(params, reference, prompts, tokens, lengths, stopped, features, rewards):
         a, p, t = prompts["input_ids"].shape
         n = tokens.shape[1]
-        per_row = {k: _microbatches(_rows(prompts[k], g), p, a) for k in PROMPT_KEYS}
         per_completion = lambda x: _microbatches(x, p, a)  # noqa: E731
-        has_prompt = per_row["attention_mask"].any(axis=-1)
+        has_prompt = per_completion(_rows(prompts["attention_mask"].any(-1), g))
         mask = (jnp.arange(n) < per_completion(lengths)[..., None]) & has_prompt[..., None]
         total = rewards @ weights
+        # the prompts' left padding moves to their end (`jaxmusic.losses.completion_log_probs`)
+        shift = t - prompts["attention_mask"].sum(-1)
+        source = (jnp.arange(t) + shift[..., None]) % t  # [A, P, T]
         batch = {
-            "input_ids": jnp.concatenate([per_row["input_ids"], per_completion(tokens)], axis=-1),
-            "audio_index": jnp.pad(per_row["audio_index"], ((0, 0), (0, 0), (0, n))),
-            "is_audio": jnp.pad(per_row["is_audio"], ((0, 0), (0, 0), (0, n))),
-            "attention_mask": jnp.concatenate([per_row["attention_mask"], mask], axis=-1),
-            "positions": jnp.concatenate(
-                [per_row["positions"], per_row["attention_mask"].sum(-1, keepdims=True) + jnp.arange(n)], axis=-1),
+            **{k: jnp.take_along_axis(prompts[k], source, axis=-1) for k in PROMPT_KEYS},
             "completion": per_completion(tokens), "completion_mask": mask,
             # every row holds its microbatch's completion-token count (bnpo's normaliser, `grpo_objective`)
             "microbatch_tokens": jnp.broadcast_to(mask.sum(axis=(1, 2))[:, None], mask.shape[:2]),
             "advantages": per_completion(group_advantages(total, g, scale=aggregation != "dr_grpo")),
             **{k: v for k, v in prompts.items() if k not in PROMPT_KEYS}}
-        # the prompt's left padding moves to the end of the row (module docstring)
-        prompt_len = per_row["attention_mask"].sum(-1)
-        source = (jnp.arange(t + n) + (t - prompt_len)[..., None]) % (t + n)  # [A, P * G, T + N]
-        for k in PROMPT_KEYS:
-            batch[k] = jnp.take_along_axis(batch[k], source, axis=-1)
-        batch["completion_start"] = prompt_len - 1  # the position whose logits predict completion token 0
         if features is not None:
             batch = {k: v for k, v in batch.items() if k not in ("mel", "wave")} | {"audio_features": features}
 

@@ -115,7 +115,8 @@ def make_train_step(graphdef: nnx.GraphDef, trainable: frozenset, tx: optax.Grad
         grads, stats = jax.lax.scan(accumulate, jax.tree.map(jnp.zeros_like, copies), batch)
         grads = jax.tree.map(lambda g: g.sum(0), grads)  # the step's one reduction over the replicas
         stats = jax.tree.map(jnp.sum, stats)
-        counts = {"tokens": batch["attention_mask"].sum(), "audio_tokens": batch["is_audio"].sum(),
+        tokens = batch["attention_mask"].sum() + (batch["completion_mask"].sum() if "completion_mask" in batch else 0)
+        counts = {"tokens": tokens, "audio_tokens": batch["is_audio"].sum(),
                   "audio_chunks": batch["chunk_mask"].sum() if "chunk_mask" in batch else -1}
         weight = jnp.maximum(stats["weight"], 1.0)
         grads = jax.tree.map(lambda g: g / weight, grads)

@@ -129,9 +129,10 @@ class Setup:
 
     def step_flops(self, batch) -> float:
         chunk_rows = next(batch[k].shape[1] for k in ("chunk_mask", "mel", "wave") if k in batch)
+        rows, length = batch["input_ids"].shape[1:3]
+        completions = batch["completion"].shape[1:3] if "completion" in batch else None
         forward = metrics_lib.forward_flops(self.spec.whisper, self.spec.llm, self.spec.mufun,
-                                            chunk_rows=chunk_rows, rows=self.micro_rows,
-                                            length=batch["input_ids"].shape[2])
+                                            chunk_rows=chunk_rows, rows=rows, length=length, completions=completions)
         return metrics_lib.step_flops(forward, {p[0] for p in self.trainable}, self.stage.accumulation)
 
 
