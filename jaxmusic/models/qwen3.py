@@ -41,6 +41,7 @@ Attention rule (what a query may see):
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -177,6 +178,27 @@ def cached_attention(q, cache_k, cache_v, allowed):
     return out.reshape(b, k, g, t, h).transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _scores(spec: str, q, k):
+    """`einsum(spec, q, k)` with float32 output, whose backward matmuls run in the inputs' dtype:
+    autodiff would multiply the float32 score gradient with the bfloat16 operand as float32
+    matmuls. Rounding the score gradient to the inputs' dtype first is what fused attention
+    kernels do."""
+    return jnp.einsum(spec, q, k, preferred_element_type=jnp.float32)
+
+
+def _scores_forward(spec, q, k):
+    return _scores(spec, q, k), (q, k)
+
+
+def _scores_backward(spec, inputs, grad):
+    _, vjp = jax.vjp(lambda a, b: jnp.einsum(spec, a, b), *inputs)
+    return vjp(grad.astype(inputs[0].dtype))
+
+
+_scores.defvjp(_scores_forward, _scores_backward)
+
+
 # Queries per block of `prefix_attention`: its float32 scores span the whole prompt, so a block's
 # scores, recomputed in the backward pass, are what it holds at once.
 PREFIX_QUERY_BLOCK = 64
@@ -205,9 +227,9 @@ def prefix_attention(q, key, value, prefix_k, prefix_v, prefix_valid):
 
     def block(q_block, first):  # queries first, first + 1, ... of every row
         c = q_block.shape[2]
-        on_prefix = jnp.einsum("pgtkqh,pkhs->pgkqts", q_block, prefix_k, preferred_element_type=f32) * scale
+        on_prefix = _scores("pgtkqh,pkhs->pgkqts", q_block, prefix_k) * scale
         on_prefix = jnp.where(prefix_valid[:, None, None, None, None, :], on_prefix, never)
-        on_self = jnp.einsum("pgtkqh,pgukh->pgkqtu", q_block, own_k, preferred_element_type=f32) * scale
+        on_self = _scores("pgtkqh,pgukh->pgkqtu", q_block, own_k) * scale
         on_self = jnp.where((first + jnp.arange(c))[:, None] >= jnp.arange(t), on_self, never)
         probs = jax.nn.softmax(jnp.concatenate([on_prefix, on_self], axis=-1), axis=-1).astype(prefix_v.dtype)
         return (jnp.einsum("pgkqts,pksh->pgtkqh", probs[..., :s], prefix_v)
