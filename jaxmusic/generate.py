@@ -40,6 +40,18 @@ import numpy as np
 from flax import nnx
 
 
+class Completion(str):
+    """Generated text, with `terminated`: whether it ended on a stop token rather than at the
+    token budget (`max_new_tokens`)."""
+
+    terminated: bool
+
+    def __new__(cls, text: str, terminated: bool):
+        obj = super().__new__(cls, text)
+        obj.terminated = terminated
+        return obj
+
+
 def round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 

@@ -24,7 +24,7 @@ from flax import nnx
 
 from jaxmusic import audio, templates
 from jaxmusic.errors import UserError
-from jaxmusic.generate import generate
+from jaxmusic.generate import Completion, generate
 from jaxmusic.losses import next_token_log_probs
 from jaxmusic.models import mufun, splice_plan
 from jaxmusic.models.mufun import MuFun
@@ -209,8 +209,11 @@ def _encode(fn, req: Request, *args, **kw):
 
 def ask(loaded: Loaded, requests: Sequence[Request], *, max_new_tokens: int = 256, temperature: float = 0.0,
         top_p: float = 1.0, seed: int = 0,
-        on_text: Callable[[int, str], None] | None = None) -> list[str]:
-    """Answer a batch of requests; `on_text(row, new_text)` streams each row's text as it grows."""
+        on_text: Callable[[int, str], None] | None = None) -> list[Completion]:
+    """Answer a batch of requests; `on_text(row, new_text)` streams each row's text as it grows.
+
+    Each answer is a string that also says whether it ended on a stop token (`terminated`)
+    rather than at `max_new_tokens`."""
     tok = loaded.tokenizer
     texts = [_encode(templates.encode_prompt, r, r.question, len(r.audio), tok, template=loaded.cfg.prompt_template)
              for r in requests]
@@ -221,10 +224,14 @@ def ask(loaded: Loaded, requests: Sequence[Request], *, max_new_tokens: int = 25
 
     ids: list[list[int]] = [[] for _ in requests]
     shown = [""] * len(requests)
+    stopped = [False] * len(requests)
 
     def stream(_step, new):
         for row, t in enumerate(np.asarray(new)):
-            if t < 0 or int(t) in loaded.stop_ids:
+            if t < 0:
+                continue
+            if int(t) in loaded.stop_ids:
+                stopped[row] = True
                 continue
             ids[row].append(int(t))
             text = tok.decode(ids[row], skip_special_tokens=True)
@@ -234,7 +241,7 @@ def ask(loaded: Loaded, requests: Sequence[Request], *, max_new_tokens: int = 25
 
     generate(nnx.split(loaded.model.llm), embeds, plan.lengths, max_new_tokens=max_new_tokens,
              temperature=temperature, top_p=top_p, seed=seed, stop_ids=loaded.stop_ids, on_token=stream)
-    return [tok.decode(row, skip_special_tokens=True) for row in ids]
+    return [Completion(tok.decode(row, skip_special_tokens=True), done) for row, done in zip(ids, stopped)]
 
 
 @dataclasses.dataclass(frozen=True)

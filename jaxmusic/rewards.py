@@ -38,19 +38,9 @@ import numpy as np
 from jaxmusic import templates
 from jaxmusic.configs import ConfigError
 from jaxmusic.evaluation.evaluate import extract_choice
+from jaxmusic.generate import Completion  # noqa: F401  (what reward functions receive)
 
 RewardFn = Callable[[Sequence[str], Sequence[str], Sequence[str], Sequence[dict]], Sequence[float]]
-
-
-class Completion(str):
-    """Generated text, with `terminated`: whether it ended on a stop token."""
-
-    terminated: bool
-
-    def __new__(cls, text: str, terminated: bool):
-        obj = super().__new__(cls, text)
-        obj.terminated = terminated
-        return obj
 
 
 def ground_truth(answer: str) -> str:

@@ -11,7 +11,7 @@ from jaxmusic import audio, templates
 from jaxmusic.evaluation import evaluate
 from jaxmusic.demo import corpus
 
-SMALL = dict(n_train=8, n_eval=4, max_seconds=40.0, long_fraction=0.3, seed=3)
+SMALL = dict(n_train=8, n_eval=4, n_grpo=3, max_seconds=40.0, long_fraction=0.3, seed=3)
 SR = corpus.SYNTH_RATE
 
 
@@ -110,7 +110,7 @@ def test_written_files_match_their_labels(built):
     files = _files(built)
     assert {p.suffix for p in files} == {".wav", ".flac", ".ogg"}
     assert {sf.info(str(p)).samplerate for p in files} <= set(corpus.CorpusConfig().sample_rates)
-    assert len(files) == len(specs) == SMALL["n_train"] + SMALL["n_eval"]
+    assert len(files) == len(specs) == SMALL["n_train"] + SMALL["n_eval"] + SMALL["n_grpo"]
     assert any(s["duration"] > 30 for s in specs)  # several Whisper chunks
     checked = 0
     for spec in specs:
@@ -175,6 +175,18 @@ def test_manifests_are_valid_mufun_samples(built, tmp_path):
             if "time" in rec:
                 start, end = rec["time"]
                 assert 0 <= start < end <= durations[rec["audio"]]
+        # GRPO asks about clips of its own, which no other stage trains on
+        assert {rec["audio"].split("/")[0] for rec in records} == {"grpo" if name == "open" else "train"}, name
+    notes = {corpus.note_name(m) for m in range(corpus.NOTE_RANGE[0], corpus.NOTE_RANGE[1] + 1)}
+    labels = (set(corpus.INSTRUMENTS) | set(corpus.TEMPI) | set(corpus.CHORDS) | set(corpus.SECTION_WORDS)
+              | set(corpus.PITCH_CLASSES) | notes)
+    opened = [json.loads(line) for line in open(built / "open.jsonl")]
+    assert len(opened) >= 2 * SMALL["n_grpo"]  # every clip answers sections and instrument
+    for rec in opened:
+        (question, answer), = [(q["value"], a["value"]) for q, a in zip(rec["conversations"][::2],
+                                                                       rec["conversations"][1::2])]
+        assert any(question == "<audio>\n" + q for qs in corpus.QUESTIONS.values() for q in qs), question
+        assert answer in labels, answer  # the label alone
     multi = [json.loads(line) for line in open(built / "qa.jsonl") if "-multi" in line]
     assert multi and all(len(r["conversations"]) >= 4 for r in multi)
     for task in corpus.TASKS:
@@ -194,7 +206,9 @@ def test_manifests_are_valid_mufun_samples(built, tmp_path):
         wav = audio.load_audio(it.audio[0], start=it.segments[0][0] if it.segments else None,
                                end=it.segments[0][1] if it.segments else None)
         assert len(wav) > 0
-    assert json.loads((built / "corpus.json").read_text())["chance"] == {t: 0.25 for t in corpus.TASKS}
+    summary = json.loads((built / "corpus.json").read_text())
+    assert summary["chance"] == {t: 0.25 for t in corpus.TASKS}
+    assert summary["open_chance"]["pitch"] == 1 / 24 and summary["open_chance"]["tempo"] == 1 / 4
 
 
 def test_bad_settings_are_user_errors():

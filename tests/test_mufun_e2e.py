@@ -8,6 +8,7 @@ concatenated hidden states 0, 1, 3, 4, mean-pooled 5:1), saved as a released MuF
 file is 75 s long (3 chunks).
 """
 
+import copy
 import json
 import shutil
 import subprocess
@@ -239,6 +240,18 @@ def test_cli_batch_mode_matches_single_requests(released, tmp_path):
     loaded = inference.load(ckpt)
     alone = inference.ask(loaded, [inference.Request("Is it fast?", (str(paths[1]),))], max_new_tokens=6)
     assert got[0]["answer"] == alone[0]
+
+
+def test_ask_says_whether_an_answer_stopped(released):
+    _, ckpt, _, paths = released
+    loaded = inference.load(ckpt)
+    request = [inference.Request("Is it fast?", (str(paths[1]),))]
+    never, always = copy.copy(loaded), copy.copy(loaded)
+    never.stop_ids = ()
+    always.stop_ids = tuple(range(loaded.model.llm.cfg.vocab_size))  # whatever comes first stops it
+    assert not inference.ask(never, request, max_new_tokens=3)[0].terminated
+    stopped = inference.ask(always, request, max_new_tokens=3)[0]
+    assert stopped.terminated and stopped == ""
 
 
 def _as_version_1(ckpt: Path, out: Path) -> None:

@@ -35,6 +35,11 @@ Files under the corpus root (audio paths in manifests are relative to the root):
 
 * `captions.jsonl` - alignment stage (template `pretrain`): the "gpt" value is a caption.
 * `qa.jsonl` - single- and multi-turn open questions (template `qwen2_instruct`).
+* `open.jsonl` - the GRPO stage's prompts: one open question per task a clip answers (a random
+  section for section tasks), answered by the label alone ("very fast", not "very fast, about
+  170 BPM"), an answer a reward can check. They are about clips of their own (`n_grpo`, under
+  `grpo/`), which no earlier stage trains on: on clips the supervised stages have learnt by
+  heart every sampled answer of a group tends to be right, and such a group carries no signal.
 * `mcq_<task>.jsonl`, one per task - MuCUE-style four-option questions rendered with the
   exact MuCUE prompt of `jaxmusic.templates`; the answer is the correct option's text.
   `MCQ_DRAWS` single-question records per crop the task applies to (the whole clip, or one
@@ -92,7 +97,7 @@ NOTE_NAMES = ("C", "C#", "D", "D#", "E", "F", "F#", "G", "G#", "A", "A#", "B")
 # Pitch classes are spelt out ("A natural", not "A") so no option text can be read as an answer letter.
 PITCH_CLASSES = tuple(n[0] + (" sharp" if n.endswith("#") else " natural") for n in NOTE_NAMES)
 TASKS = ("instrument", "pitch", "pitch_class", "chord", "tempo", "sections")
-MANIFESTS = ("captions", "qa") + tuple(f"mcq_{task}" for task in TASKS)  # training manifests
+MANIFESTS = ("captions", "qa", "open") + tuple(f"mcq_{task}" for task in TASKS)  # training manifests
 
 QUESTIONS = {
     "instrument": ("Which instrument family is playing?", "What kind of instrument plays in this clip?",
@@ -112,6 +117,7 @@ MCQ_DRAWS = 4  # multiple-choice records per task and crop, each with its own op
 class CorpusConfig:
     n_train: int = 600
     n_eval: int = 120
+    n_grpo: int = 150               # clips only the GRPO stage's open questions are about
     min_seconds: float = 1.0
     max_seconds: float = 75.0
     long_fraction: float = 0.1      # share of clips longer than 30 s
@@ -122,8 +128,9 @@ class CorpusConfig:
     workers: int | None = None      # None: all cores
 
     def __post_init__(self):
-        if self.n_train < 0 or self.n_eval < 0:
-            raise UserError(f"corpus: n_train and n_eval must be >= 0, got {self.n_train}, {self.n_eval}")
+        if min(self.n_train, self.n_eval, self.n_grpo) < 0:
+            raise UserError(f"corpus: n_train, n_eval and n_grpo must be >= 0, got "
+                            f"{self.n_train}, {self.n_eval}, {self.n_grpo}")
         if not 0.5 <= self.min_seconds <= self.max_seconds:
             raise UserError(f"corpus: need 0.5 <= min_seconds <= max_seconds, got "
                             f"{self.min_seconds}, {self.max_seconds}")
@@ -154,8 +161,8 @@ def _digest(obj) -> str:
 
 
 def clip_spec(cfg: CorpusConfig, split: str, index: int) -> dict:
-    """The attributes of clip `index` of `split` ("train" or "eval"); a pure function of the seed."""
-    rng = np.random.default_rng([cfg.seed, ("train", "eval").index(split), index])
+    """The attributes of clip `index` of `split` ("train", "eval" or "grpo"); a pure function of the seed."""
+    rng = np.random.default_rng([cfg.seed, ("train", "eval", "grpo").index(split), index])
     n_sections = int(rng.integers(1, 5))
     while n_sections > 1 and n_sections * MIN_SECTION_SECONDS > cfg.max_seconds:
         n_sections -= 1
@@ -445,6 +452,20 @@ def train_records(spec: dict, seed: int) -> dict[str, list[dict]]:
     return {"captions": captions, "qa": qa} | mcq
 
 
+def open_records(spec: dict, seed: int) -> list[dict]:
+    """The GRPO stage's records of one of its clips: an open question per task, answered by the label."""
+    rng = np.random.default_rng([seed, 4, int(spec["id"].split("-")[1])])
+    by_task: dict[str, list] = {}
+    for task, section in _answerable(spec):
+        by_task.setdefault(task, []).append(section)
+    records = []
+    for task, sections in by_task.items():
+        section = sections[rng.integers(len(sections))]
+        records.append(_record(f"{spec['id']}-{task}", spec, [(str(rng.choice(QUESTIONS[task])),
+                                                              _label(task, spec, section))], _time(spec, section)))
+    return records
+
+
 def eval_items(spec: dict, seed: int) -> list[dict]:
     """One benchmark item per task this held-out clip can answer (a random section for section tasks)."""
     rng = np.random.default_rng([seed, 3, int(spec["id"].split("-")[1])])
@@ -483,7 +504,8 @@ def build(root: str | os.PathLike, cfg: CorpusConfig | dict = CorpusConfig(), *,
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     specs = ([clip_spec(cfg, "train", i) for i in range(cfg.n_train)]
-             + [clip_spec(cfg, "eval", i) for i in range(cfg.n_eval)])
+             + [clip_spec(cfg, "eval", i) for i in range(cfg.n_eval)]
+             + [clip_spec(cfg, "grpo", i) for i in range(cfg.n_grpo)])
     todo = [(s, str(root)) for s in specs if not (root / s["file"]).exists()]
     workers = min(cfg.workers or os.cpu_count() or 1, max(len(todo), 1))
     with tqdm(total=len(todo), desc="synthesising clips", unit="clip", disable=not progress) as bar:
@@ -504,14 +526,17 @@ def build(root: str | os.PathLike, cfg: CorpusConfig | dict = CorpusConfig(), *,
     for spec in train:
         for name, recs in train_records(spec, cfg.seed).items():
             records[name] += recs
+    records["open"] = [r for s in specs if s["split"] == "grpo" for r in open_records(s, cfg.seed)]
     for name, recs in records.items():
         _write_jsonl(root / f"{name}.jsonl", recs)
     evals = [item for s in specs if s["split"] == "eval" for item in eval_items(s, cfg.seed)]
     _write_jsonl(root / "eval.jsonl", evals)
     _write_jsonl(root / "clips.jsonl", specs)
-    summary = {"config": dataclasses.asdict(cfg), "clips": {"train": len(train), "eval": cfg.n_eval},
+    summary = {"config": dataclasses.asdict(cfg),
+               "clips": {"train": len(train), "eval": cfg.n_eval, "grpo": cfg.n_grpo},
                "records": {k: len(v) for k, v in records.items()} | {"eval": len(evals)},
-               "chance": {t: 0.25 for t in TASKS}}
+               "chance": {t: 0.25 for t in TASKS},
+               "open_chance": {t: 1 / len(_label_set(t)) for t in TASKS}}  # a uniform guess among the labels
     (root / "corpus.json").write_text(json.dumps(summary, indent=1))
     return root
 
@@ -523,7 +548,9 @@ def texts(root: str | os.PathLike) -> Iterator[str]:
     yield templates.SYSTEM
     yield "USER: ASSISTANT: " + templates.END_OF_TURN
     root = Path(root)
-    for name in MANIFESTS:
+    # open.jsonl's questions and labels are those of qa.jsonl and the mcq manifests: it adds no
+    # text, only counts, which would change the merges (and with them the demo's random draws).
+    for name in (m for m in MANIFESTS if m != "open"):
         for line in open(root / f"{name}.jsonl", encoding="utf-8"):
             for msg in json.loads(line)["conversations"]:
                 yield msg["value"]

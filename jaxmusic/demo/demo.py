@@ -6,8 +6,10 @@ Trains a tiny MuFun through the staged recipe on synthetic music and shows that 
 2. tokenizer  `WORKDIR/corpus/tokenizer/`: a small Qwen-style BPE trained on the corpus text
 3. training   `WORKDIR/schedule.yaml` (jaxmusic/configs/schedules/demo.yaml with the corpus paths filled
               in and steps scaled to `--minutes`) run by the real trainer into `WORKDIR/train/`
-4. eval       held-out split, MuCUE-style four-option questions, per task next to chance, for each
-              evaluated stage (`WORKDIR/eval/<stage>/`): before and after GRPO
+4. eval       held-out split, per task next to chance, for each evaluated stage (`WORKDIR/eval/<stage>/`):
+              before and after GRPO. The MuCUE-style four-option questions (`jaxmusic eval`, generated
+              answers), and the same questions asked open, without options (`open.json`): an answer
+              is right when it is the label itself, and one that never stops is counted as a runaway
 5. report     `WORKDIR/report.md`, training curves `WORKDIR/loss_<stage>.png` (a GRPO stage's reward)
               and `loss.png`, and a few `jaxmusic ask` answers about held-out clips
 
@@ -173,6 +175,48 @@ def ask_examples(loaded, corpus_dir: Path, n: int) -> list[dict]:
              "truth": it["choices"]["ABCD".index(it["answer"])]} for it, a in zip(picked, answers)]
 
 
+def open_questions(loaded, corpus_dir: Path, out: Path, *, batch_size: int, max_new_tokens: int,
+                   progress: bool = True) -> dict:
+    """The held-out questions asked open (no options), greedy; `out/open.json` (reused when present).
+
+    An answer is correct when it is the right option's text itself (surrounding white space
+    aside): "very fast", not "very fast, about 170 BPM". A runaway answer did not stop within
+    `max_new_tokens` tokens. Per task: items, accuracy, runaway share; and the same overall.
+    """
+    from tqdm import tqdm
+
+    from jaxmusic import inference
+
+    path = out / "open.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    items = [json.loads(line) for line in (corpus_dir / "eval.jsonl").read_text().splitlines()]
+    answers = []
+    with tqdm(total=len(items), desc="open questions", unit="item", disable=not progress) as bar:
+        for i in range(0, len(items), batch_size):
+            part = items[i:i + batch_size]
+            answers += inference.ask(loaded, [
+                inference.Request(question=it["question"], audio=(str(corpus_dir / it["audio"]),),
+                                  segments=(tuple(it["time"]),) if it.get("time") else ()) for it in part],
+                max_new_tokens=max_new_tokens)
+            bar.update(len(part))
+    rows = [{"id": it["id"], "subset": it["subset"], "truth": it["choices"]["ABCD".index(it["answer"])],
+             "output": str(a), "terminated": a.terminated} for it, a in zip(items, answers)]
+    chance = json.loads((corpus_dir / "corpus.json").read_text())["open_chance"]
+
+    def summary(rs):
+        return {"items": len(rs), "accuracy": sum(r["output"].strip() == r["truth"] for r in rs) / len(rs),
+                "runaway": sum(not r["terminated"] for r in rs) / len(rs)}
+
+    result = {"max_new_tokens": max_new_tokens, "overall": summary(rows),
+              "subsets": {t: summary([r for r in rows if r["subset"] == t]) | {"chance": chance[t]}
+                          for t in sorted({r["subset"] for r in rows})}}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "open_items.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    path.write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
 # ------------------------------------------------------------------------------ report
 
 def _accuracy_table(summaries: dict[str, dict]) -> list[str]:
@@ -190,16 +234,41 @@ def _accuracy_table(summaries: dict[str, dict]) -> list[str]:
     return lines
 
 
+def _open_table(opens: dict[str, dict]) -> list[str]:
+    names = list(opens)
+    tasks = list(next(iter(opens.values()))["subsets"]) if opens else []
+    lines = ["| task | chance | " + " | ".join(f"after {n}" for n in names) + " |",
+             "|---|---|" + "---|" * len(names)]
+    for task in tasks:
+        cells = [f"{100 * opens[n]['subsets'][task]['accuracy']:.1f}%" for n in names]
+        chance = opens[names[-1]]["subsets"][task]["chance"]
+        lines.append(f"| {task} | {100 * chance:.0f}% | " + " | ".join(cells) + " |")
+    lines.append("| overall | | " + " | ".join(f"{100 * opens[n]['overall']['accuracy']:.1f}%" for n in names) + " |")
+    lines.append("| runaway answers | | " + " | ".join(f"{100 * opens[n]['overall']['runaway']:.1f}%" for n in names)
+                 + " |")
+    return lines
+
+
 def write_report(workdir: Path, settings: dict, timings: dict[str, float], curves: dict, summaries: dict,
-                 answers: list[dict]) -> Path:
+                 opens: dict, answers: list[dict]) -> Path:
+    from jaxmusic.demo import corpus
+
     items = next(iter(summaries.values()))["overall"]["items"] if summaries else 0
     lines = ["# jaxmusic demo", "",
              f"A tiny MuFun (`configs/stages/demo.yaml`) trained from scratch through the staged recipe "
              f"(`{Path(settings['schedule']).name}`, {settings['minutes']} minutes) on "
-             f"{settings['corpus'].get('n_train', '?')} synthetic clips, evaluated on {items} four-option questions "
+             f"{settings['corpus'].get('n_train', '?')} synthetic clips (GRPO on "
+             f"{settings['corpus'].get('n_grpo', corpus.CorpusConfig.n_grpo)} more), "
+             f"evaluated on {items} four-option questions "
              f"about {settings['corpus'].get('n_eval', '?')} held-out clips ({settings['eval']['mode']} scoring).", "",
-             "## Held-out accuracy", ""] + _accuracy_table(summaries) + [
+             "## Held-out accuracy", "",
+             "Four-option questions, the generated answer read by `jaxmusic eval`'s extractor "
+             "(MuCUE's protocol):", ""] + _accuracy_table(summaries) + [
              "", "![accuracy](eval/%s/accuracy.png)" % list(summaries)[-1] if summaries else "",
+             "", f"The same questions asked open, without options: right when the answer is the label itself; "
+             f"a runaway answer does not stop within "
+             f"{next(iter(opens.values()))['max_new_tokens'] if opens else '?'} tokens "
+             f"(chance: a uniform guess among the task's labels):", ""] + _open_table(opens) + [
              "", "## Training", "",
              "| stage | steps | curve | first | last |", "|---|---|---|---|---|"]
     for name, (metric, points) in curves.items():
@@ -260,7 +329,7 @@ def run(workdir: str | Path, *, minutes: float | None = None, config: str | Path
 
     t = time.perf_counter()
     ev = settings["eval"]
-    summaries, loaded = {}, None
+    summaries, opens, loaded = {}, {}, None
     for name in ev.get("stages") or stages[-1:]:
         if name not in stages:
             raise UserError(f"eval.stages: no stage {name!r} in the schedule ({stages})")
@@ -270,6 +339,8 @@ def run(workdir: str | Path, *, minutes: float | None = None, config: str | Path
         summaries[name] = evaluate.run(str(model_dir), str(corpus_dir / "eval.jsonl"), audio_root=str(corpus_dir),
                                        mode=ev["mode"], batch_size=int(ev["batch_size"]),
                                        out=str(workdir / "eval" / name), loaded=loaded, progress=progress)
+        opens[name] = open_questions(loaded, corpus_dir, workdir / "eval" / name, batch_size=int(ev["batch_size"]),
+                                     max_new_tokens=int(ev["open_max_new_tokens"]), progress=progress)
     timings["evaluation"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -280,10 +351,11 @@ def run(workdir: str | Path, *, minutes: float | None = None, config: str | Path
     curves = {name: (metrics[name], read_losses(workdir / "train" / name, metrics[name])) for name in stages}
     curves = {k: v for k, v in curves.items() if v[1]}
     plot_losses(curves, workdir)
-    report = write_report(workdir, settings, timings, curves, summaries, answers)
+    report = write_report(workdir, settings, timings, curves, summaries, opens, answers)
 
     say("")
-    say("\n".join(_accuracy_table(summaries)))
+    say("four-option questions, generated answers:\n" + "\n".join(_accuracy_table(summaries)))
+    say("\nopen questions (the answer is the label):\n" + "\n".join(_open_table(opens)))
     say("")
     for a in answers:
         say(f"ask {a['audio']}: {a['question']}\n  -> {a['answer']!r}   (truth: {a['truth']})")

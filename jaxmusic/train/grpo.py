@@ -39,8 +39,8 @@ import numpy as np
 from jaxmusic import rewards as rewards_lib
 from jaxmusic import sharding
 from jaxmusic.data.pipeline import PROMPT_FIELDS
+from jaxmusic.generate import Completion
 from jaxmusic.losses import grpo as grpo_loss
-from jaxmusic.rewards import Completion
 from jaxmusic.templates import stop_ids
 from jaxmusic.train import optim, rollout
 from jaxmusic.train.batches import next_batch
