@@ -347,6 +347,14 @@ def _answerable(spec: dict) -> list[tuple[str, dict | None]]:
     return out
 
 
+def _sections_by_task(spec: dict) -> dict[str, list[dict | None]]:
+    """The tasks this clip can answer, in `_answerable`'s order, each with the sections it applies to."""
+    by_task: dict[str, list] = {}
+    for task, section in _answerable(spec):
+        by_task.setdefault(task, []).append(section)
+    return by_task
+
+
 def _label(task: str, spec: dict, section: dict | None) -> str:
     if task == "sections":
         return SECTION_WORDS[len(spec["sections"]) - 1]
@@ -455,9 +463,7 @@ def train_records(spec: dict, seed: int) -> dict[str, list[dict]]:
 def open_records(spec: dict, seed: int) -> list[dict]:
     """The GRPO stage's records of one of its clips: an open question per task, answered by the label."""
     rng = np.random.default_rng([seed, 4, int(spec["id"].split("-")[1])])
-    by_task: dict[str, list] = {}
-    for task, section in _answerable(spec):
-        by_task.setdefault(task, []).append(section)
+    by_task = _sections_by_task(spec)
     records = []
     for task, sections in by_task.items():
         section = sections[rng.integers(len(sections))]
@@ -469,9 +475,7 @@ def open_records(spec: dict, seed: int) -> list[dict]:
 def eval_items(spec: dict, seed: int) -> list[dict]:
     """One benchmark item per task this held-out clip can answer (a random section for section tasks)."""
     rng = np.random.default_rng([seed, 3, int(spec["id"].split("-")[1])])
-    by_task: dict[str, list] = {}
-    for task, section in _answerable(spec):
-        by_task.setdefault(task, []).append(section)
+    by_task = _sections_by_task(spec)
     items = []
     for task in TASKS:
         if task not in by_task:
