@@ -11,7 +11,7 @@ Trains a tiny MuFun through the staged recipe on synthetic music and shows that 
               answers), and the same questions asked open, without options (`open.json`): an answer
               is right when it is the label itself, and one that never stops is counted as a runaway
 5. report     `WORKDIR/report.md`, training curves `WORKDIR/loss_<stage>.png` (a GRPO stage's reward)
-              and `loss.png`, and a few `jaxmusic ask` answers about held-out clips
+              and `loss.png`, and a few of the last evaluated stage's open answers
 
 Every step resumes: rerunning the same command skips clips, stages and eval items already
 done. The settings (jaxmusic/configs/demo.yaml plus overrides) are fixed per workdir; a rerun with
@@ -155,25 +155,7 @@ def plot_losses(curves: dict[str, tuple[str, list[tuple[int, float]]]], workdir:
     return paths
 
 
-# ------------------------------------------------------------------------------ asking
-
-def ask_examples(loaded, corpus_dir: Path, n: int) -> list[dict]:
-    """Open questions (no options) about the first `n` held-out items of distinct tasks."""
-    from jaxmusic import inference
-
-    picked, tasks = [], set()
-    for line in (corpus_dir / "eval.jsonl").read_text().splitlines():
-        item = json.loads(line)
-        if item["subset"] not in tasks and len(picked) < n:
-            tasks.add(item["subset"])
-            picked.append(item)
-    requests = [inference.Request(question=it["question"], audio=(str(corpus_dir / it["audio"]),),
-                                  segments=(tuple(it["time"]),) if it.get("time") else ())
-                for it in picked]
-    answers = inference.ask(loaded, requests, max_new_tokens=24) if requests else []
-    return [{"audio": it["audio"], "time": it.get("time"), "question": it["question"], "answer": a.strip(),
-             "truth": it["choices"]["ABCD".index(it["answer"])]} for it, a in zip(picked, answers)]
-
+# ------------------------------------------------------------------------------ open questions
 
 def open_questions(loaded, corpus_dir: Path, out: Path, *, batch_size: int, max_new_tokens: int,
                    progress: bool = True) -> dict:
@@ -200,7 +182,8 @@ def open_questions(loaded, corpus_dir: Path, out: Path, *, batch_size: int, max_
                                   segments=(tuple(it["time"]),) if it.get("time") else ()) for it in part],
                 max_new_tokens=max_new_tokens)
             bar.update(len(part))
-    rows = [{"id": it["id"], "subset": it["subset"], "truth": it["choices"]["ABCD".index(it["answer"])],
+    rows = [{"id": it["id"], "subset": it["subset"], "audio": it["audio"], "time": it.get("time"),
+             "question": it["question"], "truth": it["choices"]["ABCD".index(it["answer"])],
              "output": str(a), "terminated": a.terminated} for it, a in zip(items, answers)]
     chance = json.loads((corpus_dir / "corpus.json").read_text())["open_chance"]
 
@@ -215,6 +198,19 @@ def open_questions(loaded, corpus_dir: Path, out: Path, *, batch_size: int, max_
     (out / "open_items.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     path.write_text(json.dumps(result, indent=1) + "\n")
     return result
+
+
+def ask_examples(open_items: Path, n: int) -> list[dict]:
+    """The open answers (`open_questions`' `open_items.jsonl`) to the first `n` held-out items of
+    distinct tasks."""
+    picked, tasks = [], set()
+    for line in open_items.read_text().splitlines():
+        row = json.loads(line)
+        if row["subset"] not in tasks and len(picked) < n:
+            tasks.add(row["subset"])
+            picked.append(row)
+    return [{"audio": r["audio"], "time": r["time"], "question": r["question"], "answer": r["output"].strip(),
+             "truth": r["truth"]} for r in picked]
 
 
 # ------------------------------------------------------------------------------ report
@@ -329,7 +325,7 @@ def run(workdir: str | Path, *, minutes: float | None = None, config: str | Path
 
     t = time.perf_counter()
     ev = settings["eval"]
-    summaries, opens, loaded = {}, {}, None
+    summaries, opens = {}, {}
     for name in ev.get("stages") or stages[-1:]:
         if name not in stages:
             raise UserError(f"eval.stages: no stage {name!r} in the schedule ({stages})")
@@ -343,10 +339,8 @@ def run(workdir: str | Path, *, minutes: float | None = None, config: str | Path
                                      max_new_tokens=int(ev["open_max_new_tokens"]), progress=progress)
     timings["evaluation"] = time.perf_counter() - t
 
-    t = time.perf_counter()
     say("[5/5] report")
-    answers = ask_examples(loaded, corpus_dir, int(settings["ask"]["clips"])) if loaded else []
-    timings["ask"] = time.perf_counter() - t
+    answers = ask_examples(workdir / "eval" / list(opens)[-1] / "open_items.jsonl", int(settings["ask"]["clips"]))
     metrics = {s.name: "reward" if s.loss == "grpo" else "loss" for s in resolved}
     curves = {name: (metrics[name], read_losses(workdir / "train" / name, metrics[name])) for name in stages}
     curves = {k: v for k, v in curves.items() if v[1]}
